@@ -1,0 +1,30 @@
+# Two entry points: `make demo` (the side-by-side comparison) and `make test`.
+# Each builds .venv on first use, and rebuilds it when pyproject.toml changes.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is installed first, pinned: on this project's machines these two
+# releases come from the local wheel store (a CUDA build that also runs on CPU).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m benchmarks.compare --out results/demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

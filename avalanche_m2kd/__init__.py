@@ -1,0 +1,32 @@
+"""avalanche-m2kd: M2KD and Education Distillation for class-incremental
+learning, as Avalanche plugins and strategies."""
+
+from . import datasets, losses, models
+from .plugins import M2KDPlugin
+from .snapshots import (
+    FullSnapshotStore,
+    PackNetSnapshotStore,
+    SnapshotStore,
+    SparseSnapshotStore,
+    make_snapshot_store,
+)
+from .strategies import M2KD
+from .teachers import GroupTeacher, TeacherOutput, TeacherSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FullSnapshotStore",
+    "GroupTeacher",
+    "M2KD",
+    "M2KDPlugin",
+    "PackNetSnapshotStore",
+    "SnapshotStore",
+    "SparseSnapshotStore",
+    "TeacherOutput",
+    "TeacherSet",
+    "datasets",
+    "losses",
+    "make_snapshot_store",
+    "models",
+]

@@ -1,0 +1,281 @@
+"""Distillation losses as pure tensor functions.
+
+Nothing here knows about Avalanche, strategies or teachers: every function takes
+tensors (and class groups as lists of class ids) and returns a scalar tensor, so
+each can be checked against a hand computation.
+
+Conventions
+-----------
+* A *group* is the ordered list of global class ids that one teacher owns
+  (M2KD: the classes first seen in one experience; ED: one stage's classes).
+* Student logits are indexed by global class id (column ``c`` is class ``c``).
+* Teacher logits for a group are already restricted to that group, in the
+  group's order (column ``j`` is class ``group[j]``).
+* Every loss is a mean over the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Group = Sequence[int]
+
+
+def _as_index(group: Group | Tensor, device: torch.device) -> Tensor:
+    if isinstance(group, Tensor):
+        return group.to(device=device, dtype=torch.long)
+    return torch.as_tensor(list(group), dtype=torch.long, device=device)
+
+
+def group_weights(groups: Sequence[Group]) -> list[float]:
+    """M2KD's per-teacher weights ``w_k = |C_k| / sum_j |C_j|``.
+
+    Weighting by class count makes every old class count the same, whatever
+    the size of the experience that introduced it.
+    """
+    sizes = [len(g) for g in groups]
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("group_weights: all groups are empty")
+    return [s / total for s in sizes]
+
+
+def kl_distillation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))``, batch mean.
+
+    The ``T^2`` factor keeps the gradient scale independent of ``T``
+    (Hinton et al.), so loss weights need not change with the temperature.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"kl_distillation: student logits {tuple(student_logits.shape)} and teacher "
+            f"logits {tuple(teacher_logits.shape)} must have the same shape"
+        )
+    t = float(temperature)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits / t, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * t * t
+
+
+def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``-sum_c softmax(teacher/T)_c * log softmax(student/T)_c``, batch mean (no ``T^2``).
+
+    This is ED's distillation term as its authors' code computes it: the KL
+    divergence plus the teacher's entropy, a constant for the student.
+    """
+    t = float(temperature)
+    p_teacher = F.softmax(teacher_logits / t, dim=1)
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    return -(p_teacher * log_p_student).sum(dim=1).mean()
+
+
+def distill_group_logits(
+    student_logits: Tensor,
+    teacher_logits: Sequence[Tensor],
+    groups: Sequence[Group | Tensor],
+    temperature: float = 2.0,
+    weights: Optional[Sequence[float]] = None,
+) -> Tensor:
+    """M2KD's multi-model distillation over class groups.
+
+    ``sum_k w_k * T^2 * KL(softmax(g_k/T) || softmax(f[:, C_k]/T))``, batch mean,
+    where ``g_k = teacher_logits[k]`` are teacher k's logits on its own group
+    ``C_k = groups[k]`` and ``f`` the student's logits over global classes.
+
+    Args:
+        student_logits: ``[B, n_classes]`` student logits, column = class id.
+        teacher_logits: one ``[B, |C_k|]`` tensor per teacher, in group order.
+        groups: the class ids each teacher owns.
+        temperature: softmax temperature ``T``.
+        weights: per-group weights; default ``group_weights(groups)``.
+    """
+    if len(teacher_logits) != len(groups):
+        raise ValueError(
+            f"distill_group_logits: {len(teacher_logits)} teacher outputs for {len(groups)} groups"
+        )
+    if not groups:
+        return student_logits.new_zeros(())
+    if weights is None:
+        weights = group_weights(groups)
+    total = student_logits.new_zeros(())
+    for logits_k, group, w in zip(teacher_logits, groups, weights):
+        index = _as_index(group, student_logits.device)
+        total = total + w * kl_distillation(student_logits.index_select(1, index), logits_k, temperature)
+    return total
+
+
+FeatureDistance = Literal["mse", "attention"]
+
+
+def attention_map(features: Tensor) -> Tensor:
+    """Attention transfer map (Zagoruyko & Komodakis): the channel mean of the
+    squared activations, flattened and L2-normalised per sample."""
+    if features.dim() < 3:
+        raise ValueError("attention_map needs feature maps [B, C, ...], got shape " f"{tuple(features.shape)}")
+    att = features.pow(2).mean(dim=1).flatten(1)
+    return F.normalize(att, dim=1)
+
+
+def feature_distance(student: Tensor, teacher: Tensor, kind: FeatureDistance = "mse") -> Tensor:
+    """Distance between a student's and a teacher's feature maps, batch mean.
+
+    ``"mse"``: mean squared error over all elements. ``"attention"``: squared L2
+    distance between attention maps (see :func:`attention_map`), batch mean.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"feature_distance: student features {tuple(student.shape)} and teacher features "
+            f"{tuple(teacher.shape)} differ; feature matching needs the same architecture"
+        )
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "attention":
+        return (attention_map(student) - attention_map(teacher)).pow(2).sum(dim=1).mean()
+    raise ValueError(f"feature_distance: unknown kind {kind!r}; use 'mse' or 'attention'")
+
+
+def distill_group_features(
+    student_features: Tensor,
+    teacher_features: Sequence[Tensor],
+    weights: Sequence[float],
+    kind: FeatureDistance = "mse",
+) -> Tensor:
+    """``sum_k w_k * d(student, teacher_k)``: feature matching against several teachers."""
+    if len(teacher_features) != len(weights):
+        raise ValueError("distill_group_features: one weight per teacher is needed")
+    total = student_features.new_zeros(())
+    for feats, w in zip(teacher_features, weights):
+        total = total + w * feature_distance(student_features, feats, kind)
+    return total
+
+
+def education_distillation_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    teacher_logits: Sequence[Tensor],
+    sample_index: Sequence[Tensor],
+    groups: Sequence[Group | Tensor],
+    alpha: float = 0.3,
+    temperature: float = 4.0,
+) -> Tensor:
+    """ED's loss: ``alpha * CE(z, y) + (1 - alpha) * T^2 * KD``.
+
+    Each sample is distilled only from the teacher of its own stage: for a
+    sample of stage k, ``KD = soft_CE(teacher_k(x)/T, z[C_k]/T)`` with the
+    softmax over stage k's logit slice only [ED code]. KD is averaged over the
+    whole batch (samples of every stage together).
+
+    Args:
+        student_logits: ``[B, n_classes]``; column = global class id.
+        targets: ``[B]`` global labels.
+        teacher_logits: per stage, ``[n_k, |C_k|]`` logits of stage k's teacher
+            on the samples ``sample_index[k]`` (stages with no sample may hold
+            empty tensors).
+        sample_index: per stage, the batch positions of its samples.
+        groups: per stage, its global class ids (teacher column order).
+        alpha: weight of the cross-entropy; ``alpha = 1`` is plain CE.
+        temperature: distillation temperature ``T``.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"education_distillation_loss: alpha must be in [0, 1], got {alpha}")
+    ce = F.cross_entropy(student_logits, targets)
+    if alpha == 1.0:
+        return ce
+    batch = student_logits.shape[0]
+    t = float(temperature)
+    kd_sum = student_logits.new_zeros(())
+    for logits_k, index_k, group in zip(teacher_logits, sample_index, groups):
+        if index_k.numel() == 0:
+            continue
+        columns = _as_index(group, student_logits.device)
+        student_k = student_logits.index_select(0, index_k).index_select(1, columns)
+        # soft_cross_entropy averages over its n_k rows; re-weight to a batch mean.
+        kd_sum = kd_sum + soft_cross_entropy(student_k, logits_k, t) * index_k.numel()
+    kd = kd_sum / batch
+    return alpha * ce + (1.0 - alpha) * t * t * kd
+
+
+def class_positions(classes: Sequence[int] | Tensor, targets: Tensor) -> Tensor:
+    """Position of each label of ``targets`` inside the ordered ``classes``.
+
+    Raises ``ValueError`` for a label that is not among ``classes``.
+    """
+    index = _as_index(classes, targets.device)
+    size = max(int(index.max()), int(targets.max()) if targets.numel() else 0) + 1
+    lookup = torch.full((size,), -1, dtype=torch.long, device=targets.device)
+    lookup[index] = torch.arange(index.numel(), device=targets.device)
+    positions = lookup[targets.long()]
+    if bool((positions < 0).any()):
+        bad = sorted({int(y) for y, p in zip(targets.tolist(), positions.tolist()) if p < 0})
+        raise ValueError(f"labels {bad} are not among the classes {index.tolist()}")
+    return positions
+
+
+def cross_entropy_over(logits: Tensor, targets: Tensor, classes: Sequence[int] | Tensor) -> Tensor:
+    """Cross-entropy restricted to the columns ``classes`` (e.g. the classes
+    seen so far), batch mean. Columns of other classes do not take part."""
+    index = _as_index(classes, logits.device)
+    return F.cross_entropy(logits.index_select(1, index), class_positions(index, targets))
+
+
+def group_sigmoid_targets(
+    targets: Tensor,
+    columns: Sequence[int] | Tensor,
+    teacher_logits: Sequence[Tensor],
+    groups: Sequence[Group | Tensor],
+) -> Tensor:
+    """iCaRL-form targets over the classes ``columns``.
+
+    One-hot of ``targets`` over ``columns``; then, for every group ``C_k`` and
+    class ``c = C_k[j]``, the column of ``c`` is replaced by
+    ``sigmoid(teacher_logits[k][:, j])``: the snapshot that learned ``c``
+    supplies its target. Returns ``[B, len(columns)]``.
+    """
+    device = targets.device
+    columns_t = _as_index(columns, device)
+    out = torch.zeros(targets.shape[0], columns_t.numel(), device=device, dtype=torch.float32)
+    rows = torch.arange(targets.shape[0], device=device)
+    out[rows, class_positions(columns_t, targets)] = 1.0
+    for logits_k, group in zip(teacher_logits, groups):
+        group_t = _as_index(group, device)
+        out[:, class_positions(columns_t, group_t)] = torch.sigmoid(logits_k.float())
+    return out
+
+
+def sigmoid_distillation_loss(
+    student_logits: Tensor,
+    targets: Tensor,
+    columns: Sequence[int] | Tensor,
+    teacher_logits: Sequence[Tensor],
+    groups: Sequence[Group | Tensor],
+) -> Tensor:
+    """iCaRL's classification-plus-distillation loss, routed per group.
+
+    Binary cross-entropy between ``sigmoid(student_logits[:, columns])`` and
+    :func:`group_sigmoid_targets`, averaged over batch and columns (the scale of
+    Avalanche's ``ICaRLLossPlugin``, a ``BCELoss`` with mean reduction).
+    """
+    target_matrix = group_sigmoid_targets(targets, columns, teacher_logits, groups)
+    index = _as_index(columns, student_logits.device)
+    return F.binary_cross_entropy_with_logits(student_logits.index_select(1, index), target_matrix)
+
+
+__all__ = [
+    "attention_map",
+    "class_positions",
+    "cross_entropy_over",
+    "distill_group_features",
+    "distill_group_logits",
+    "education_distillation_loss",
+    "feature_distance",
+    "group_sigmoid_targets",
+    "group_weights",
+    "kl_distillation",
+    "sigmoid_distillation_loss",
+    "soft_cross_entropy",
+]

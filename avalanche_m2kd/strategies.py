@@ -1,0 +1,113 @@
+"""Strategies: Avalanche ``SupervisedTemplate`` subclasses that wire this
+library's plugins, the way Avalanche's own ``LwF`` wraps ``LwFPlugin``."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Literal, Optional, Sequence, Union
+
+import torch
+from avalanche.core import BasePlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch.nn import CrossEntropyLoss, Module
+from torch.optim import Optimizer
+
+from .exemplars import class_balanced_buffer
+from .plugins.m2kd import M2KDPlugin
+
+
+class M2KD(SupervisedTemplate):
+    """M2KD: a supervised strategy with :class:`~avalanche_m2kd.M2KDPlugin` and
+    an optional class-balanced exemplar memory.
+
+    Args:
+        model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size,
+            device, plugins, evaluator, eval_every: as Avalanche's
+            ``SupervisedTemplate``. ``criterion`` is ignored with ``loss="bce"``
+            (the plugin is the criterion then).
+        mem_size: exemplars kept in total (0 = none, the default).
+            Replayed through Avalanche's ``ReplayPlugin`` with a class-balanced
+            ``ParametricBuffer``.
+        exemplar_selection: ``"herding"`` (iCaRL's, default) or ``"random"``.
+        feature_layer: module whose output herding reads (default ``"embedding"``,
+            the feature vector of this library's models).
+        temperature, mm_weight, aux_weight, aux_ce_weight, teachers, aux_layers,
+            aux, feature_distance, snapshot_store, prune_ratio, post_prune_epochs,
+            loss, head_layers: the :class:`~avalanche_m2kd.M2KDPlugin`
+            arguments, with the same defaults.
+
+    The plugin is available as ``strategy.m2kd`` (snapshots: ``strategy.m2kd.snapshots``).
+    The caller's ``plugins`` list is not modified.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Module,
+        optimizer: Optimizer,
+        criterion: Callable = CrossEntropyLoss(),
+        mem_size: int = 0,
+        exemplar_selection: Literal["herding", "random"] = "herding",
+        feature_layer: str = "embedding",
+        train_mb_size: int = 32,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
+        eval_every: int = -1,
+        temperature: float = 2.0,
+        mm_weight: float = 0.25,
+        aux_weight: float = 0.25,
+        aux_ce_weight: float = 1.0,
+        teachers: Literal["all", "last"] = "all",
+        aux_layers: Sequence[str] = (),
+        aux: Literal["logits", "features"] = "logits",
+        feature_distance: Literal["mse", "attention"] = "mse",
+        snapshot_store: Literal["full", "packnet", "sparse"] = "full",
+        prune_ratio: float = 0.75,
+        post_prune_epochs: int = 1,
+        loss: Literal["kl", "bce"] = "kl",
+        head_layers: Optional[Sequence[str]] = None,
+    ):
+        if mem_size < 0:
+            raise ValueError(f"M2KD: mem_size must be >= 0, got {mem_size}")
+        self.m2kd = M2KDPlugin(
+            temperature=temperature,
+            mm_weight=mm_weight,
+            aux_weight=aux_weight,
+            aux_ce_weight=aux_ce_weight,
+            teachers=teachers,
+            aux_layers=aux_layers,
+            aux=aux,
+            feature_distance=feature_distance,
+            snapshot_store=snapshot_store,
+            prune_ratio=prune_ratio,
+            post_prune_epochs=post_prune_epochs,
+            loss=loss,
+            head_layers=head_layers,
+        )
+        if self.m2kd.loss == "bce":
+            criterion = self.m2kd
+        all_plugins: List[BasePlugin] = list(plugins or []) + [self.m2kd]
+        self.replay: Optional[ReplayPlugin] = None
+        if mem_size > 0:
+            buffer = class_balanced_buffer(mem_size, exemplar_selection, feature_layer)
+            self.replay = ReplayPlugin(mem_size, storage_policy=buffer)
+            all_plugins.append(self.replay)
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=criterion,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size or train_mb_size,
+            device=device,
+            plugins=all_plugins,
+            evaluator=evaluator,
+            eval_every=eval_every,
+        )
+
+
+__all__ = ["M2KD"]
