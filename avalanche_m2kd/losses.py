@@ -31,6 +31,17 @@ def _as_index(group: Group | Tensor, device: torch.device) -> Tensor:
     return torch.as_tensor(list(group), dtype=torch.long, device=device)
 
 
+def _columns(logits: Tensor, classes: Group | Tensor, caller: str) -> Tensor:
+    """Index of ``classes`` as columns of ``logits``, checking the width."""
+    index = _as_index(classes, logits.device)
+    if index.numel() and int(index.max()) >= logits.shape[1]:
+        raise ValueError(
+            f"{caller}: logits have {logits.shape[1]} columns but class {int(index.max())} is needed; "
+            "adapt the model to the experience first (heads grow in Avalanche's model adaptation)"
+        )
+    return index
+
+
 def group_weights(groups: Sequence[Group]) -> list[float]:
     """M2KD's per-teacher weights ``w_k = |C_k| / sum_j |C_j|``.
 
@@ -104,7 +115,7 @@ def distill_group_logits(
         weights = group_weights(groups)
     total = student_logits.new_zeros(())
     for logits_k, group, w in zip(teacher_logits, groups, weights):
-        index = _as_index(group, student_logits.device)
+        index = _columns(student_logits, group, "distill_group_logits")
         total = total + w * kl_distillation(student_logits.index_select(1, index), logits_k, temperature)
     return total
 
@@ -192,7 +203,7 @@ def education_distillation_loss(
     for logits_k, index_k, group in zip(teacher_logits, sample_index, groups):
         if index_k.numel() == 0:
             continue
-        columns = _as_index(group, student_logits.device)
+        columns = _columns(student_logits, group, "education_distillation_loss")
         student_k = student_logits.index_select(0, index_k).index_select(1, columns)
         # soft_cross_entropy averages over its n_k rows; re-weight to a batch mean.
         kd_sum = kd_sum + soft_cross_entropy(student_k, logits_k, t) * index_k.numel()
@@ -219,7 +230,7 @@ def class_positions(classes: Sequence[int] | Tensor, targets: Tensor) -> Tensor:
 def cross_entropy_over(logits: Tensor, targets: Tensor, classes: Sequence[int] | Tensor) -> Tensor:
     """Cross-entropy restricted to the columns ``classes`` (e.g. the classes
     seen so far), batch mean. Columns of other classes do not take part."""
-    index = _as_index(classes, logits.device)
+    index = _columns(logits, classes, "cross_entropy_over")
     return F.cross_entropy(logits.index_select(1, index), class_positions(index, targets))
 
 
@@ -261,7 +272,7 @@ def sigmoid_distillation_loss(
     Avalanche's ``ICaRLLossPlugin``, a ``BCELoss`` with mean reduction).
     """
     target_matrix = group_sigmoid_targets(targets, columns, teacher_logits, groups)
-    index = _as_index(columns, student_logits.device)
+    index = _columns(student_logits, columns, "sigmoid_distillation_loss")
     return F.binary_cross_entropy_with_logits(student_logits.index_select(1, index), target_matrix)
 
 

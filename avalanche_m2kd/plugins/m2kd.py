@@ -160,6 +160,12 @@ class M2KDPlugin(SupervisedPlugin):
 
     # -- configuration helpers -----------------------------------------------------
     @property
+    def teacher_set(self) -> Optional[TeacherSet]:
+        """The frozen teachers rebuilt for the experience being trained (None
+        outside training or before the second experience)."""
+        return self._teacher_set
+
+    @property
     def uses_aux_heads(self) -> bool:
         return bool(self.aux_layers) and self.aux == "logits"
 

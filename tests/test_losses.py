@@ -1,0 +1,204 @@
+"""Exact-value tests of the pure loss functions, against plain-Python math."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from avalanche_m2kd.losses import (
+    attention_map,
+    class_positions,
+    cross_entropy_over,
+    distill_group_features,
+    distill_group_logits,
+    education_distillation_loss,
+    feature_distance,
+    group_sigmoid_targets,
+    group_weights,
+    kl_distillation,
+    sigmoid_distillation_loss,
+    soft_cross_entropy,
+)
+
+
+def softmax(values, t=1.0):
+    exps = [math.exp(v / t) for v in values]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def kl(p, q):
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+
+
+def sigmoid(v):
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+STUDENT = [[1.0, 2.0, 0.5, -1.0, 0.0], [0.0, -0.5, 1.5, 2.0, 1.0]]
+
+
+def test_group_weights_are_class_fractions():
+    assert group_weights([[0, 1], [2, 3, 4]]) == [0.4, 0.6]
+    with pytest.raises(ValueError):
+        group_weights([[], []])
+
+
+def test_kl_distillation_matches_hand_computation_with_t_squared():
+    s = [[1.0, 2.0, 0.5]]
+    t = [[0.3, -1.0, 2.0]]
+    expected = 4.0 * kl(softmax(t[0], 2.0), softmax(s[0], 2.0))  # T = 2, T^2 = 4
+    got = kl_distillation(torch.tensor(s), torch.tensor(t), 2.0)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_distill_group_logits_routes_groups_weights_and_temperature():
+    groups = [[0, 1], [2, 3, 4]]
+    teacher = [
+        [[0.5, 1.5], [1.0, 0.0]],  # snapshot 1, its own classes 0 and 1
+        [[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]],  # snapshot 2, classes 2, 3, 4
+    ]
+    temperature = 3.0
+    weights = [2 / 5, 3 / 5]
+    expected = 0.0
+    for b in range(2):
+        for k, group in enumerate(groups):
+            s_slice = [STUDENT[b][c] for c in group]
+            expected += weights[k] * temperature**2 * kl(softmax(teacher[k][b], temperature), softmax(s_slice, temperature))
+    expected /= 2  # batch mean
+    got = distill_group_logits(torch.tensor(STUDENT), [torch.tensor(t) for t in teacher], groups, temperature)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_distill_group_logits_custom_weights_and_non_contiguous_group():
+    groups = [[4, 0]]  # order matters: teacher column j is class groups[k][j]
+    teacher = [torch.tensor([[1.0, -1.0], [0.0, 2.0]])]
+    expected = 0.0
+    for b in range(2):
+        expected += 0.5 * 4.0 * kl(softmax(teacher[0][b].tolist(), 2.0), softmax([STUDENT[b][4], STUDENT[b][0]], 2.0))
+    got = distill_group_logits(torch.tensor(STUDENT), teacher, groups, 2.0, weights=[0.5])
+    assert got.item() == pytest.approx(expected / 2, abs=1e-6)
+
+
+def test_distill_group_logits_is_zero_when_student_matches_teacher():
+    s = torch.tensor(STUDENT)
+    got = distill_group_logits(s, [s[:, [0, 1]], s[:, [2, 3, 4]]], [[0, 1], [2, 3, 4]])
+    assert got.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_distill_group_logits_rejects_mismatched_lists():
+    with pytest.raises(ValueError, match="teacher outputs"):
+        distill_group_logits(torch.zeros(1, 3), [torch.zeros(1, 2)], [[0, 1], [2]])
+
+
+def test_soft_cross_entropy_matches_hand_computation():
+    s, t = [0.2, 1.0, -0.3], [1.0, 0.0, 0.5]
+    p_t = softmax(t, 4.0)
+    p_s = softmax(s, 4.0)
+    expected = -sum(a * math.log(b) for a, b in zip(p_t, p_s))
+    assert soft_cross_entropy(torch.tensor([s]), torch.tensor([t]), 4.0).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_feature_distance_mse_and_attention():
+    a = torch.tensor([[[[1.0, 2.0]], [[0.0, 1.0]]]])  # [1, 2 channels, 1, 2]
+    b = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]])
+    assert feature_distance(a, b, "mse").item() == pytest.approx((1 + 0 + 1 + 0) / 4)
+    # attention: channel mean of squares per position, L2-normalised
+    att_a = [(1 + 0) / 2, (4 + 1) / 2]
+    att_b = [(0 + 1) / 2, (4 + 1) / 2]
+    na, nb = math.hypot(*att_a), math.hypot(*att_b)
+    expected = sum((x / na - y / nb) ** 2 for x, y in zip(att_a, att_b))
+    assert feature_distance(a, b, "attention").item() == pytest.approx(expected, abs=1e-6)
+    assert attention_map(a).norm().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="same architecture"):
+        feature_distance(a, b[:, :1])
+    with pytest.raises(ValueError, match="unknown kind"):
+        feature_distance(a, b, "cosine")
+
+
+def test_distill_group_features_weights_each_teacher():
+    a = torch.ones(2, 3, 2, 2)
+    t1, t2 = torch.zeros(2, 3, 2, 2), torch.full((2, 3, 2, 2), 3.0)
+    got = distill_group_features(a, [t1, t2], [0.25, 0.75])
+    assert got.item() == pytest.approx(0.25 * 1.0 + 0.75 * 4.0)
+
+
+def test_cross_entropy_over_seen_classes_ignores_other_columns():
+    logits = torch.tensor(STUDENT)
+    targets = torch.tensor([3, 1])
+    seen = [1, 3, 4]
+    expected = 0.0
+    for b, y in enumerate([3, 1]):
+        p = softmax([STUDENT[b][c] for c in seen])
+        expected -= math.log(p[seen.index(y)])
+    assert cross_entropy_over(logits, targets, seen).item() == pytest.approx(expected / 2, abs=1e-6)
+    with pytest.raises(ValueError, match=r"labels \[0\]"):
+        class_positions(seen, torch.tensor([0]))
+
+
+def test_education_distillation_loss_routes_each_sample_to_its_stage_teacher():
+    z = torch.tensor(STUDENT + [[0.3, 0.1, -0.2, 0.0, 0.4]])
+    y = torch.tensor([1, 3, 4])
+    groups = [[0, 1], [2, 3, 4]]
+    # sample 0 belongs to stage 0; samples 1 and 2 to stage 1 (teachers give local logits)
+    t0 = torch.tensor([[0.2, 1.1]])
+    t1 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 2.0]])
+    index = [torch.tensor([0]), torch.tensor([1, 2])]
+    alpha, temperature = 0.3, 4.0
+    rows = z.tolist()
+    ce = 0.0
+    for b, label in enumerate(y.tolist()):
+        ce -= math.log(softmax(rows[b])[label])
+    ce /= 3
+    kd = 0.0
+    for stage, idx in enumerate(index):
+        teacher = (t0, t1)[stage]
+        for j, b in enumerate(idx.tolist()):
+            p_t = softmax(teacher[j].tolist(), temperature)
+            p_s = softmax([rows[b][c] for c in groups[stage]], temperature)
+            kd -= sum(a * math.log(q) for a, q in zip(p_t, p_s))
+    kd /= 3
+    expected = alpha * ce + (1 - alpha) * temperature**2 * kd
+    got = education_distillation_loss(z, y, [t0, t1], index, groups, alpha, temperature)
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_education_distillation_alpha_one_is_exactly_cross_entropy():
+    z = torch.tensor(STUDENT)
+    y = torch.tensor([1, 3])
+    teachers = [torch.randn(1, 2), torch.randn(1, 3)]
+    index = [torch.tensor([0]), torch.tensor([1])]
+    got = education_distillation_loss(z, y, teachers, index, [[0, 1], [2, 3, 4]], alpha=1.0)
+    assert torch.equal(got, F.cross_entropy(z, y))
+    with pytest.raises(ValueError, match="alpha"):
+        education_distillation_loss(z, y, teachers, index, [[0, 1], [2, 3, 4]], alpha=1.5)
+
+
+def test_group_sigmoid_targets_take_each_old_class_from_its_own_snapshot():
+    y = torch.tensor([4, 2])
+    columns = [0, 1, 2, 3, 4]
+    teacher = [torch.tensor([[0.0, 1.0], [-1.0, 2.0]]), torch.tensor([[3.0], [0.5]])]  # groups [0,1] and [3]
+    targets = group_sigmoid_targets(y, columns, teacher, [[0, 1], [3]])
+    expected = [
+        [sigmoid(0.0), sigmoid(1.0), 0.0, sigmoid(3.0), 1.0],
+        [sigmoid(-1.0), sigmoid(2.0), 1.0, sigmoid(0.5), 0.0],
+    ]
+    assert torch.allclose(targets, torch.tensor(expected), atol=1e-6)
+
+
+def test_sigmoid_distillation_loss_matches_hand_computation():
+    logits = torch.tensor(STUDENT)
+    y = torch.tensor([2, 3])
+    columns = [0, 1, 2, 3]  # class 4 unseen: not part of the loss
+    teacher = [torch.tensor([[0.5, -0.5], [1.0, 0.0]])]
+    targets = [[sigmoid(0.5), sigmoid(-0.5), 1.0, 0.0], [sigmoid(1.0), sigmoid(0.0), 0.0, 1.0]]
+    expected = 0.0
+    for b in range(2):
+        for j, c in enumerate(columns):
+            p = sigmoid(STUDENT[b][c])
+            t = targets[b][j]
+            expected -= t * math.log(p) + (1 - t) * math.log(1 - p)
+    expected /= 2 * len(columns)
+    got = sigmoid_distillation_loss(logits, y, columns, teacher, [[0, 1]])
+    assert got.item() == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,165 @@
+"""Snapshot stores: exact rebuilds, frozen weights, memory accounting."""
+
+import copy
+
+import pytest
+import torch
+from avalanche.training.templates import SupervisedTemplate
+
+from avalanche_m2kd import M2KDPlugin, make_snapshot_store
+from avalanche_m2kd.datasets import split_digits
+from avalanche_m2kd.models import cifar_resnet32, digits_cnn
+from avalanche_m2kd.snapshots import (
+    PackNetSnapshotStore,
+    head_module_names,
+    load_state_reshaped,
+    prunable_weight_names,
+)
+
+from helpers import ModelCopies, quiet_evaluator, seed_everything
+
+
+def test_prunable_weights_exclude_heads():
+    model = digits_cnn()
+    names = prunable_weight_names(model)
+    assert "head.classifier.weight" not in names
+    assert "stage1.0.weight" in names and "embedding.1.weight" in names
+    fixed = digits_cnn(num_classes=10)  # nn.Linear head: the last Linear is the head
+    assert head_module_names(fixed) == ["head"]
+    assert "head.weight" not in prunable_weight_names(fixed)
+    with pytest.raises(ValueError, match="not found"):
+        head_module_names(fixed, ["nope"])
+
+
+def test_load_state_reshaped_restores_a_smaller_head():
+    model = digits_cnn(num_classes=4)
+    old = copy.deepcopy(model.state_dict())
+    grown = digits_cnn(num_classes=7)
+    load_state_reshaped(grown, old)
+    x = torch.randn(3, 1, 8, 8)
+    model.eval(), grown.eval()
+    assert torch.equal(model(x), grown(x))
+    assert grown.head.out_features == 4
+    with pytest.raises(ValueError, match="architecture"):
+        load_state_reshaped(grown, {"bogus": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("kind", ["full", "sparse", "packnet"])
+def test_teacher_is_frozen_eval_copy(kind):
+    model = digits_cnn(num_classes=10)
+    store = make_snapshot_store(kind, prune_ratio=0.5)
+    store.prune(model)
+    store.add(model)
+    teacher = store.teacher(0)
+    assert not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert teacher is not model
+    x = torch.randn(4, 1, 8, 8)
+    model.eval()
+    if kind == "sparse":
+        assert not torch.equal(teacher(x), model(x))  # approximate by design
+    else:
+        assert torch.allclose(teacher(x), model(x), atol=1e-6)  # packnet: the model itself was pruned
+
+
+def test_packnet_frozen_weights_bit_identical_and_teachers_exact():
+    """Issue 2, item 3: with SGD momentum and weight decay, weights frozen by
+    earlier experiences do not move; teacher(k) rebuilt three experiences later
+    equals a full copy taken at the end of experience k (after pruning and
+    post-prune fine-tuning)."""
+    seed_everything(0)
+    bm = split_digits()
+    model = digits_cnn()
+    plugin = M2KDPlugin(snapshot_store="packnet", prune_ratio=0.6, post_prune_epochs=1, aux_layers=("stage2",))
+    copies = ModelCopies()
+    strategy = SupervisedTemplate(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3),
+        train_mb_size=32,
+        train_epochs=2,
+        eval_mb_size=256,
+        plugins=[plugin, copies],  # copies run after the plugin's pruning and fine-tuning
+        evaluator=quiet_evaluator(),
+    )
+    for exp in list(bm.train_stream)[:4]:
+        strategy.train(exp)
+    store = plugin.snapshots
+    assert isinstance(store, PackNetSnapshotStore)
+    assert len(store) == 4
+    # frozen weights: bit-identical to their values when their snapshot was taken
+    live = dict(model.named_parameters())
+    for k, snapshot_model in enumerate(copies.copies):
+        old = dict(snapshot_model.named_parameters())
+        for name, owner in store.owners.items():
+            mask = owner == k + 1
+            assert mask.any()
+            assert torch.equal(live[name][mask], old[name][mask]), f"{name} owned by snapshot {k} moved"
+    # teacher(0), rebuilt at experience 3, behaves like the copy taken at the end of experience 0
+    x = torch.stack([bm.test_stream[i].dataset[j][0] for i in range(4) for j in range(8)])
+    for k in (0, 1):
+        teacher = store.teacher(k)
+        expected = copies.copies[k](x)
+        got = teacher(x)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, atol=1e-6)
+        with torch.no_grad():
+            feats_t = teacher.stage2(teacher.stage1(x))
+            feats_c = copies.copies[k].stage2(copies.copies[k].stage1(x))
+            assert torch.allclose(teacher.m2kd_aux([feats_t])[0], copies.copies[k].m2kd_aux([feats_c])[0], atol=1e-6)
+    # capacity: each experience kept 40% of the free weights
+    assert store.free_fraction() == pytest.approx(0.6**4, abs=0.01)
+
+
+def _ten_snapshots(kind, prune_ratio):
+    torch.manual_seed(0)
+    model = cifar_resnet32(num_classes=100)
+    store = make_snapshot_store(kind, prune_ratio=prune_ratio)
+    for _ in range(10):
+        store.prune(model)
+        with torch.no_grad():  # stand-in for training: move every weight and statistic
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        store.add(model)
+    return model, store
+
+
+def test_memory_packnet_sparse_full_with_ten_resnet32_snapshots():
+    """Issue 2, item 4."""
+    _, full = _ten_snapshots("full", 0.75)
+    assert len(full) == 10
+    assert full.nbytes() == full.full_copy_nbytes()
+    _, packnet = _ten_snapshots("packnet", 0.75)
+    assert packnet.nbytes() <= packnet.full_copy_nbytes() / 15
+    _, sparse = _ten_snapshots("sparse", 0.9)
+    assert sparse.nbytes() <= sparse.full_copy_nbytes() / 5
+    # the three stores agree on what full copies would take
+    assert packnet.full_copy_nbytes() == full.full_copy_nbytes() == sparse.full_copy_nbytes()
+
+
+def test_sparse_keeps_the_largest_weights():
+    model = digits_cnn(num_classes=10)
+    store = make_snapshot_store("sparse", prune_ratio=0.75)
+    store.add(model)
+    name = "stage1.0.weight"
+    original = model.state_dict()[name]
+    rebuilt = store.snapshot_state(0)[name]
+    kept = rebuilt != 0
+    assert kept.sum().item() == round(0.25 * original.numel())
+    assert torch.equal(rebuilt[kept], original[kept])
+    assert original.abs()[kept].min() >= original.abs()[~kept].max()
+
+
+def test_store_state_dict_round_trip_and_kind_check():
+    model, store = _ten_snapshots("packnet", 0.75)
+    clone = make_snapshot_store("packnet", prune_ratio=0.75)
+    clone.load_state_dict(copy.deepcopy(store.state_dict()))
+    clone.bind(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(clone.teacher(3)(x), store.teacher(3)(x))
+    assert clone.nbytes() == store.nbytes()
+    with pytest.raises(ValueError, match="kind"):
+        make_snapshot_store("full").load_state_dict(store.state_dict())
+    with pytest.raises(ValueError, match="unknown kind"):
+        make_snapshot_store("zip")
+    with pytest.raises(IndexError):
+        store.teacher(10)
