@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import List, Literal, Optional
 
 import torch
+from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.storage_policy import (
     ExemplarsSelectionStrategy,
     ParametricBuffer,
@@ -102,4 +103,13 @@ def class_balanced_buffer(
     return ParametricBuffer(mem_size, groupby="class", selection_strategy=policy)
 
 
-__all__ = ["HerdingSelection", "class_balanced_buffer", "extract_features", "icarl_herding_order"]
+class ExemplarReplay(ReplayPlugin):
+    """Avalanche's ``ReplayPlugin``, updating the memory through the storage
+    policy's ``post_adapt``: 0.6.0's plugin calls the deprecated ``update``,
+    whose decorator re-enables DeprecationWarning on every call."""
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.storage_policy.post_adapt(strategy, strategy.experience)
+
+
+__all__ = ["ExemplarReplay", "HerdingSelection", "class_balanced_buffer", "extract_features", "icarl_herding_order"]

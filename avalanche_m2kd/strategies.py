@@ -7,13 +7,13 @@ from typing import Callable, List, Literal, Optional, Sequence, Union
 
 import torch
 from avalanche.core import BasePlugin
-from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
-from .exemplars import class_balanced_buffer
+from .exemplars import ExemplarReplay, class_balanced_buffer
 from .plugins.m2kd import M2KDPlugin
 
 
@@ -27,7 +27,7 @@ class M2KD(SupervisedTemplate):
             ``SupervisedTemplate``. ``criterion`` is ignored with ``loss="bce"``
             (the plugin is the criterion then).
         mem_size: exemplars kept in total (0 = none, the default).
-            Replayed through Avalanche's ``ReplayPlugin`` with a class-balanced
+            Replayed through Avalanche's ``ReplayPlugin`` (as :class:`~avalanche_m2kd.exemplars.ExemplarReplay`) with a class-balanced
             ``ParametricBuffer``.
         exemplar_selection: ``"herding"`` (iCaRL's, default) or ``"random"``.
         feature_layer: module whose output herding reads (default ``"embedding"``,
@@ -91,10 +91,10 @@ class M2KD(SupervisedTemplate):
         if self.m2kd.loss == "bce":
             criterion = self.m2kd
         all_plugins: List[BasePlugin] = list(plugins or []) + [self.m2kd]
-        self.replay: Optional[ReplayPlugin] = None
+        self.replay: Optional[ExemplarReplay] = None
         if mem_size > 0:
             buffer = class_balanced_buffer(mem_size, exemplar_selection, feature_layer)
-            self.replay = ReplayPlugin(mem_size, storage_policy=buffer)
+            self.replay = ExemplarReplay(mem_size, storage_policy=buffer)
             all_plugins.append(self.replay)
         super().__init__(
             model=model,

@@ -22,3 +22,43 @@ __all__ = [
     "make_head",
     "mnist_cnn",
 ]
+
+import copy as _copy
+from typing import Callable, Dict, Optional, Sequence
+
+from torch import nn
+
+MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": lambda num_classes=None, in_channels=1: SmallConvNet(in_channels, 8, num_classes),
+    "mnist_cnn": lambda num_classes=None, in_channels=1: SmallConvNet(in_channels, 28, num_classes),
+    "cifar_cnn": lambda num_classes=None, in_channels=3: SmallConvNet(in_channels, 32, num_classes),
+    "resnet20": lambda num_classes=None, in_channels=3: cifar_resnet20(num_classes, in_channels),
+    "resnet32": lambda num_classes=None, in_channels=3: cifar_resnet32(num_classes, in_channels),
+    "resnet110": lambda num_classes=None, in_channels=3: cifar_resnet110(num_classes, in_channels),
+}
+"""Backbones by name; each takes ``num_classes`` (None = growing head) and ``in_channels``."""
+
+DEFAULT_AUX_LAYERS: Dict[str, Sequence[str]] = {name: ("stage1", "stage2") for name in MODELS}
+"""Layers M2KD taps by default: after the first two stages (ResNets: stages 1
+and 2 of 3, as the M2KD note suggests for ResNet-32)."""
+
+
+def create(name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None) -> nn.Module:
+    """A backbone of :data:`MODELS` by name (``ValueError`` lists the names)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    kwargs = {} if in_channels is None else {"in_channels": in_channels}
+    return MODELS[name](num_classes=num_classes, **kwargs)
+
+
+def feature_extractor(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose head is replaced by the identity: it outputs
+    the feature vector (for Avalanche's ``ICaRL`` feature_extractor)."""
+    if not hasattr(model, "head") or not hasattr(model, "feature_dim"):
+        raise ValueError(f"{type(model).__name__} has no 'head' / 'feature_dim'; use this library's models")
+    body = _copy.deepcopy(model)
+    body.head = nn.Identity()
+    return body
+
+
+__all__ += ["DEFAULT_AUX_LAYERS", "MODELS", "create", "feature_extractor"]

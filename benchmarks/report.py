@@ -1,0 +1,205 @@
+"""Writing the runner's outputs: JSON, CSV, a Markdown summary and plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+# (key in a run's metrics, column title, higher is better, shown in percent)
+SUMMARY_COLUMNS = [
+    ("average_incremental_accuracy", "Avg. incremental acc.", True),
+    ("last_accuracy", "Last acc.", True),
+    ("forgetting", "Forgetting", False),
+    ("backward_transfer", "BWT", True),
+    ("old_last", "Old acc. (last)", True),
+    ("new_last", "New acc. (last)", True),
+]
+UNRANKED = {"joint"}  # the upper bound is shown but not ranked
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a
+    half-written file in place of the previous one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_scalars(run: dict) -> Dict[str, float]:
+    m = run["metrics"]
+    return {
+        "average_incremental_accuracy": m["average_incremental_accuracy"],
+        "last_accuracy": m["last_accuracy"],
+        "forgetting": m["forgetting"],
+        "backward_transfer": m["backward_transfer"],
+        "old_last": m["old_accuracy"][-1],
+        "new_last": m["new_accuracy"][-1],
+        "wall_time_s": run["wall_time_s"],
+    }
+
+
+def aggregate(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
+    """Per strategy and metric: mean, sample std (0 with one seed) and count."""
+    by_strategy: Dict[str, List[dict]] = {}
+    for run in runs:
+        by_strategy.setdefault(run["strategy"], []).append(run_scalars(run))
+    out: Dict[str, Dict[str, dict]] = {}
+    for name, rows in by_strategy.items():
+        out[name] = {}
+        for key in rows[0]:
+            values = np.array([r[key] for r in rows if r[key] is not None], dtype=float)
+            if values.size == 0:
+                out[name][key] = {"mean": None, "std": None, "n": 0}
+                continue
+            std = float(values.std(ddof=1)) if values.size > 1 else 0.0
+            out[name][key] = {"mean": float(values.mean()), "std": std, "n": int(values.size)}
+    return out
+
+
+def _fmt(stat: dict, percent: bool = True) -> str:
+    if stat["mean"] is None:
+        return "n/a"
+    scale = 100.0 if percent else 1.0
+    return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
+
+
+def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: List[str]) -> str:
+    names = list(summary)
+    lines = [f"# {title}", ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    header = ["Strategy"] + [c[1] for c in SUMMARY_COLUMNS] + ["Time (s)"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    best = {}
+    for key, _, higher in SUMMARY_COLUMNS:
+        ranked = [(summary[n][key]["mean"], n) for n in names if n not in UNRANKED and summary[n][key]["mean"] is not None]
+        if ranked:
+            target = max(v for v, _ in ranked) if higher else min(v for v, _ in ranked)
+            best[key] = {n for v, n in ranked if round(v * 100, 1) == round(target * 100, 1)}
+    for n in names:
+        cells = [n]
+        for key, _, _ in SUMMARY_COLUMNS:
+            text = _fmt(summary[n][key])
+            cells.append(f"**{text}**" if n in best.get(key, set()) else text)
+        cells.append(_fmt(summary[n]["wall_time_s"], percent=False))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Accuracies in %, mean ± std over seeds; forgetting and BWT in percentage points; best ranked value in bold "
+        "(higher is better, except forgetting); `joint` is the upper bound and is not ranked."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, runs: List[dict]) -> None:
+    fields = ["strategy", "seed"] + [c[0] for c in SUMMARY_COLUMNS] + ["wall_time_s", "seen_accuracy", "snapshot_bytes"]
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for run in runs:
+            row = {"strategy": run["strategy"], "seed": run["seed"], **run_scalars(run)}
+            row["seen_accuracy"] = " ".join(f"{v:.4f}" for v in run["metrics"]["seen_accuracy"])
+            row["snapshot_bytes"] = (run.get("snapshot_bytes") or {}).get("held", "")
+            writer.writerow(row)
+    os.replace(tmp, path)
+
+
+def write_plots(out: Path, runs: List[dict]) -> List[Path]:
+    """accuracy_curve.png, accuracy_matrices.png and old_new.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["strategy"] for r in runs))
+    grouped = {n: [r for r in runs if r["strategy"] == n] for n in names}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for n in names:
+        curves = np.array([r["metrics"]["seen_accuracy"] for r in grouped[n]]) * 100
+        steps = np.arange(1, curves.shape[1] + 1)
+        mean, std = curves.mean(axis=0), curves.std(axis=0)
+        ax.plot(steps, mean, marker="o", label=n, linestyle="--" if n in UNRANKED else "-")
+        ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
+    ax.set_xlabel("experience (training step)")
+    ax.set_ylabel("accuracy on all classes seen so far (%)")
+    ax.set_xticks(steps)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    paths.append(out / "accuracy_curve.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    cols = min(4, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, n in zip(axes.flat, names):
+        m = np.array([r["accuracy_matrix"] for r in grouped[n]], dtype=float).mean(axis=0) * 100
+        t = m.shape[0]
+        m = np.where(np.tril(np.ones_like(m[:, :t], dtype=bool)), m[:, :t], np.nan)
+        im = ax.imshow(m, vmin=0, vmax=100, cmap="viridis")
+        for i in range(t):
+            for j in range(i + 1):
+                ax.text(j, i, f"{m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w" if m[i, j] < 60 else "k")
+        ax.set_title(n, fontsize=9)
+        ax.set_xlabel("evaluated experience", fontsize=8)
+        ax.set_ylabel("after training", fontsize=8)
+        ax.set_xticks(range(t))
+        ax.set_yticks(range(t))
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (%)")
+    paths.append(out / "accuracy_matrices.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
+    for ax, n in zip(axes.flat, names):
+        old = np.array([r["metrics"]["old_accuracy"] for r in grouped[n]], dtype=float) * 100
+        new = np.array([r["metrics"]["new_accuracy"] for r in grouped[n]], dtype=float) * 100
+        steps = np.arange(1, new.shape[1] + 1)
+        ax.plot(steps[1:], old[:, 1:].mean(axis=0), marker="o", label="old classes")
+        ax.plot(steps, new.mean(axis=0), marker="s", label="new classes")
+        ax.set_title(n, fontsize=9)
+        ax.set_xticks(steps)
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.supxlabel("experience")
+    fig.supylabel("accuracy (%)")
+    fig.tight_layout()
+    paths.append(out / "old_new.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bool = True) -> None:
+    """results.json (with the aggregated summary), results.csv, summary.md, plots."""
+    runs = document["runs"]
+    document["summary"] = aggregate(runs) if runs else {}
+    write_atomic(out / "results.json", json.dumps(document, indent=1))
+    if not runs:
+        return
+    write_csv(out / "results.csv", runs)
+    write_atomic(out / "summary.md", summary_markdown(document["summary"], title, notes))
+    if plots:
+        write_plots(out, runs)

@@ -1,0 +1,182 @@
+"""The strategies the runner compares, built from one configuration so that
+every method gets the same model, epochs, optimizer, memory and seed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from avalanche.training import ICaRL, LwF, Naive
+from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+from avalanche.training.supervised import Cumulative
+from torch import nn
+
+from avalanche_m2kd import M2KD, models
+from avalanche_m2kd.exemplars import ExemplarReplay, class_balanced_buffer
+
+
+@dataclass
+class Setup:
+    """Everything a strategy builder needs besides its name."""
+
+    config: dict
+    n_classes: int
+    input_shape: tuple
+    device: str
+    evaluator: EvaluationPlugin
+    buffer_transform: Optional[Callable] = None  # augmentation for iCaRL's stored (eval-transformed) exemplars
+
+
+SIGMOID_LOSS = {"icarl"}
+"""Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
+
+
+def learning_rate(name: str, config: dict) -> float:
+    if name in SIGMOID_LOSS and config.get("lr_sigmoid") is not None:
+        return float(config["lr_sigmoid"])
+    return float(config["lr"])
+
+
+def make_optimizer(params, name: str, config: dict) -> torch.optim.Optimizer:
+    lr = learning_rate(name, config)
+    if config["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=config["momentum"], weight_decay=config["weight_decay"])
+    if config["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=config["weight_decay"])
+    raise ValueError(f"unknown optimizer {config['optimizer']!r}; use 'sgd' or 'adam'")
+
+
+def _plugins(optimizer, config: dict, replay: bool) -> List:
+    plugins: List = []
+    if config["milestones"]:
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config["milestones"], gamma=config["gamma"])
+        plugins.append(LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True))
+    if replay and config["mem_size"] > 0:
+        plugins.append(ExemplarReplay(config["mem_size"], storage_policy=class_balanced_buffer(config["mem_size"])))
+    return plugins
+
+
+def _common(setup: Setup) -> dict:
+    c = setup.config
+    return dict(
+        train_mb_size=c["batch_size"],
+        train_epochs=c["epochs"],
+        eval_mb_size=max(256, c["batch_size"]),
+        device=setup.device,
+        evaluator=setup.evaluator,
+    )
+
+
+def _model(setup: Setup) -> nn.Module:
+    return models.create(setup.config["model"], in_channels=setup.input_shape[0])
+
+
+def build_naive(name: str, setup: Setup):
+    model = _model(setup)
+    optimizer = make_optimizer(model.parameters(), name, setup.config)
+    return Naive(model=model, optimizer=optimizer, plugins=_plugins(optimizer, setup.config, True), **_common(setup))
+
+
+def build_joint(name: str, setup: Setup):
+    model = _model(setup)
+    optimizer = make_optimizer(model.parameters(), name, setup.config)
+    return Cumulative(
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        plugins=_plugins(optimizer, setup.config, False),
+        **_common(setup),
+    )
+
+
+def build_lwf(name: str, setup: Setup):
+    model = _model(setup)
+    optimizer = make_optimizer(model.parameters(), name, setup.config)
+    return LwF(
+        model=model,
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(),
+        alpha=1.0,
+        temperature=2.0,
+        plugins=_plugins(optimizer, setup.config, True),
+        **_common(setup),
+    )
+
+
+def build_icarl(name: str, setup: Setup):
+    if setup.config["mem_size"] <= 0:
+        raise ValueError("icarl needs an exemplar memory: set --mem-size > 0 or leave icarl out of --strategies")
+    backbone = _model(setup)
+    features = models.feature_extractor(backbone)
+    classifier = nn.Linear(backbone.feature_dim, setup.n_classes)
+    params = list(features.parameters()) + list(classifier.parameters())
+    optimizer = make_optimizer(params, name, setup.config)
+    return ICaRL(
+        feature_extractor=features,
+        classifier=classifier,
+        optimizer=optimizer,
+        memory_size=setup.config["mem_size"],
+        buffer_transform=setup.buffer_transform,
+        fixed_memory=True,
+        plugins=_plugins(optimizer, setup.config, False),
+        **_common(setup),
+    )
+
+
+def _m2kd(**overrides):
+    def build(name: str, setup: Setup):
+        model = _model(setup)
+        optimizer = make_optimizer(model.parameters(), name, setup.config)
+        kwargs = dict(aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]))
+        kwargs.update(setup.config.get("m2kd") or {})
+        kwargs.update(overrides)
+        return M2KD(
+            model=model,
+            optimizer=optimizer,
+            mem_size=setup.config["mem_size"],
+            plugins=_plugins(optimizer, setup.config, False),
+            **kwargs,
+            **_common(setup),
+        )
+
+    return build
+
+
+STRATEGIES: Dict[str, Callable] = {
+    "naive": build_naive,
+    "joint": build_joint,
+    "lwf": build_lwf,
+    "icarl": build_icarl,
+    "m2kd": _m2kd(),
+    "m2kd-last": _m2kd(teachers="last"),
+    "m2kd-noaux": _m2kd(aux_layers=()),
+}
+"""Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
+``ReplayPlugin`` (``ExemplarReplay``) over the same class-balanced herding memory when
+``mem_size > 0``; ``joint`` is Avalanche's ``Cumulative`` (all data seen so
+far, the upper bound at every step); ``icarl`` is Avalanche's ``ICaRL``."""
+
+DESCRIPTIONS = {
+    "naive": "fine-tuning (Avalanche Naive) + replay memory",
+    "joint": "all data seen so far (Avalanche Cumulative): upper bound",
+    "lwf": "Avalanche LwF (alpha 1, T 2) + replay memory",
+    "icarl": "Avalanche ICaRL (herding, nearest-mean classifier)",
+    "m2kd": "M2KD: all snapshots, auxiliary heads",
+    "m2kd-last": "M2KD with the last snapshot only",
+    "m2kd-noaux": "M2KD without auxiliary heads",
+}
+
+
+def build_strategy(name: str, setup: Setup):
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](name, setup)
+
+
+def snapshot_bytes(strategy) -> Optional[Dict[str, int]]:
+    """Bytes held by an M2KD strategy's snapshot store (None for others)."""
+    plugin = getattr(strategy, "m2kd", None)
+    if plugin is None:
+        return None
+    return {"held": plugin.snapshots.nbytes(), "full_copies": plugin.snapshots.full_copy_nbytes()}
