@@ -1,0 +1,140 @@
+"""The side-by-side runner: outputs, determinism and one-line errors."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks import compare
+from benchmarks.report import SUMMARY_COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "1", "--n-experiences", "2", "--train-per-class", "20", "--test-per-class", "8", "--quiet"]
+
+
+def run_tiny(out, *extra):
+    argv = [*TINY, "--out", str(out), *extra]
+    assert compare.main(argv) == 0
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return out, run_tiny(out, "--strategies", "naive,joint,icarl,m2kd", "--seeds", "0,1", "--mem-size", "20")
+
+
+def test_runner_writes_every_output(tiny_run):
+    out, document = tiny_run
+    for name in ("results.json", "results.csv", "summary.md", "accuracy_curve.png", "accuracy_matrices.png", "old_new.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as img:
+            img.verify()
+    assert len(document["runs"]) == 8
+    assert document["class_order"] == {"name": "natural", "order": list(range(10))}
+    assert document["config"]["preset"] == "digits" and document["config"]["mem_size"] == 20
+    run = document["runs"][0]
+    assert np.array(run["accuracy_matrix"]).shape == (2, 2)
+    assert run["test_sizes"] == [40, 40]
+    assert run["wall_time_s"] > 0
+    m2kd = [r for r in document["runs"] if r["strategy"] == "m2kd"][0]
+    assert m2kd["snapshot_bytes"]["held"] == m2kd["snapshot_bytes"]["full_copies"] > 0  # full store
+    # the JSON round-trips
+    assert json.loads(json.dumps(document)) == document
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert float(rows[0]["last_accuracy"]) == pytest.approx(run["metrics"]["last_accuracy"])
+
+
+def test_summary_numbers_equal_the_json(tiny_run):
+    out, document = tiny_run
+    table = {}
+    for line in (out / "summary.md").read_text().splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in document["summary"]:
+            table[cells[0]] = cells[1:]
+    assert set(table) == {"naive", "joint", "icarl", "m2kd"}
+    for name, cells in table.items():
+        for (key, _, _), cell in zip(SUMMARY_COLUMNS, cells):
+            stat = document["summary"][name][key]
+            mean, std = (float(v) for v in re.findall(r"-?\d+\.\d", cell))
+            assert mean == pytest.approx(round(stat["mean"] * 100, 1), abs=0.051), (name, key)
+            assert std == pytest.approx(round(stat["std"] * 100, 1), abs=0.051), (name, key)
+        runs = [r for r in document["runs"] if r["strategy"] == name]
+        assert document["summary"][name]["last_accuracy"]["mean"] == pytest.approx(
+            np.mean([r["metrics"]["last_accuracy"] for r in runs])
+        )
+
+
+def test_same_seed_same_results(tmp_path):
+    args = ("--strategies", "m2kd,lwf", "--seeds", "3", "--no-plots")
+    first = run_tiny(tmp_path / "a", *args)
+    second = run_tiny(tmp_path / "b", *args)
+    for a, b in zip(first["runs"], second["runs"]):
+        assert a["accuracy_matrix"] == b["accuracy_matrix"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset", "mnist3d"], "unknown dataset"),
+        (["--strategies", "naive,ewc"], "unknown strategy ewc"),
+        (["--preset", "imagenet"], "unknown preset"),
+        (["--class-order", "sorted"], "unknown class order"),
+        (["--dataset", "cifar100"], "--data-root"),
+        (["--dataset", "cifar10", "--data-root", "/nonexistent"], "does not exist"),
+        (["--seeds", "a,b"], "--seeds"),
+        (["--epochs", "0"], "--epochs"),
+        (["--model", "vgg"], "unknown model"),
+        (["--model", "mnist_cnn"], "does not fit"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
+    assert compare.main([*argv, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert message in err[0] and err[0].startswith("python -m benchmarks.compare: error:")
+
+
+def test_malformed_npz_and_image_folder_exit_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    assert compare.main(["--dataset", f"npz:{bad}", "--out", str(tmp_path), "--quiet"]) == 2
+    assert compare.main(["--dataset", f"imagefolder:{tmp_path}", "--out", str(tmp_path), "--quiet"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "not a readable npz" in lines[0] and "missing folder" in lines[1]
+
+
+def test_command_line_exit_status_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--strategies", "nope", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
+def test_npz_dataset_through_the_runner(tmp_path):
+    rng = np.random.default_rng(0)
+    y_tr, y_te = np.repeat(np.arange(4), 10), np.repeat(np.arange(4), 3)
+    protos = rng.integers(0, 255, (4, 8, 8, 1))
+    np.savez(tmp_path / "toy.npz", x_train=protos[y_tr].astype(np.uint8), y_train=y_tr,
+             x_test=protos[y_te].astype(np.uint8), y_test=y_te)
+    document = run_tiny(tmp_path / "out", "--dataset", f"npz:{tmp_path / 'toy.npz'}", "--strategies", "naive",
+                        "--seeds", "0", "--class-order", "random:3", "--no-plots")
+    assert document["config"]["model"] == "digits_cnn"  # chosen from the 8x8 images
+    assert sorted(document["class_order"]["order"]) == [0, 1, 2, 3]
+    assert document["runs"][0]["test_sizes"] == [6, 6]
