@@ -1,8 +1,9 @@
 """avalanche-m2kd: M2KD and Education Distillation for class-incremental
 learning, as Avalanche plugins and strategies."""
 
-from . import datasets, losses, models
-from .plugins import M2KDPlugin
+from . import datasets, losses, metrics, models
+from .models import EDStudent
+from .plugins import EducationDistillationPlugin, M2KDPlugin
 from .snapshots import (
     FullSnapshotStore,
     PackNetSnapshotStore,
@@ -10,12 +11,15 @@ from .snapshots import (
     SparseSnapshotStore,
     make_snapshot_store,
 )
-from .strategies import M2KD
+from .strategies import M2KD, EducationDistillation
 from .teachers import GroupTeacher, TeacherOutput, TeacherSet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EDStudent",
+    "EducationDistillation",
+    "EducationDistillationPlugin",
     "FullSnapshotStore",
     "GroupTeacher",
     "M2KD",
@@ -28,5 +32,6 @@ __all__ = [
     "datasets",
     "losses",
     "make_snapshot_store",
+    "metrics",
     "models",
 ]

@@ -376,23 +376,35 @@ def make_transforms(data: ImageArrays, augment: bool = False):
     return train, normalize
 
 
+def experience_sizes(n_classes: int, n_experiences: int) -> List[int]:
+    """Classes per experience: ``n_classes // n_experiences`` each, the
+    remainder added to the last one (ED's rule: 100 classes in 3 -> 33, 33, 34)."""
+    sizes = [n_classes // n_experiences] * n_experiences
+    sizes[-1] += n_classes % n_experiences
+    return sizes
+
+
 def make_benchmark(
     data: ImageArrays,
     n_experiences: int,
     class_order: Optional[Sequence[int]] = None,
     train_transform=None,
     eval_transform=None,
+    sizes: Optional[Sequence[int]] = None,
 ):
     """An Avalanche class-incremental ``nc_benchmark`` over ``data``, classes
-    taken in ``class_order`` (default: natural order) and split evenly (the
-    remainder goes to the last experiences, as ``nc_benchmark`` does).
-    Transforms default to none (float images are used as they are)."""
+    taken in ``class_order`` (default: natural order), ``sizes[i]`` classes in
+    experience ``i`` (default :func:`experience_sizes`). Transforms default to
+    none (float images are used as they are)."""
     present = sorted(set(np.unique(data.y_train).tolist()))
     order = present if class_order is None else [int(c) for c in class_order]
     if sorted(order) != present:
         raise DatasetError(f"class order must be a permutation of the data set's classes {present}")
     if not 1 <= n_experiences <= len(order):
         raise DatasetError(f"n_experiences must be between 1 and {len(order)} (the number of classes), got {n_experiences}")
+    sizes = list(sizes) if sizes is not None else experience_sizes(len(order), n_experiences)
+    if len(sizes) != n_experiences or sum(sizes) != len(order) or min(sizes) < 1:
+        raise DatasetError(f"experience sizes {sizes} must be {n_experiences} positive counts summing to {len(order)}")
     train = TensorDataset(torch.from_numpy(np.ascontiguousarray(data.x_train)), torch.from_numpy(data.y_train))
     test = TensorDataset(torch.from_numpy(np.ascontiguousarray(data.x_test)), torch.from_numpy(data.y_test))
     return nc_benchmark(
@@ -402,6 +414,7 @@ def make_benchmark(
         task_labels=False,
         shuffle=False,
         fixed_class_order=order,
+        per_exp_classes=dict(enumerate(sizes)),
         train_transform=train_transform,
         eval_transform=eval_transform,
     )
@@ -423,6 +436,7 @@ __all__ = [
     "ToFloatNormalized",
     "channel_stats",
     "class_order",
+    "experience_sizes",
     "load_cifar",
     "load_dataset",
     "load_digits_arrays",

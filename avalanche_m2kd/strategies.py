@@ -14,6 +14,7 @@ from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
 from .exemplars import ExemplarReplay, class_balanced_buffer
+from .plugins.ed import EducationDistillationPlugin, OptimizerFactory, TeacherSpec
 from .plugins.m2kd import M2KDPlugin
 
 
@@ -110,4 +111,73 @@ class M2KD(SupervisedTemplate):
         )
 
 
-__all__ = ["M2KD"]
+class EducationDistillation(SupervisedTemplate):
+    """Education Distillation: a supervised strategy with
+    :class:`~avalanche_m2kd.EducationDistillationPlugin` as plugin and
+    criterion. Use it with an :class:`~avalanche_m2kd.EDStudent` (for example
+    :func:`~avalanche_m2kd.models.ed_resnet20`): the student grows at each
+    stage, the optimizer is rebuilt over its new parameters, and
+    ``stage_epochs`` / ``stage_lr`` apply per stage.
+
+    Args:
+        model, optimizer, train_mb_size, train_epochs, eval_mb_size, device,
+            plugins, evaluator, eval_every: as Avalanche's ``SupervisedTemplate``.
+        teachers, teacher_factory, teacher_epochs, teacher_optimizer,
+            teacher_batch_size, alpha, temperature, revisit, order,
+            stage_epochs, stage_lr: the plugin's arguments, same defaults.
+
+    The plugin is ``strategy.ed``. The caller's ``plugins`` list is not modified.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Module,
+        optimizer: Optimizer,
+        teachers: Optional[Sequence[TeacherSpec]] = None,
+        teacher_factory: Optional[Callable[[int], Module]] = None,
+        teacher_epochs: Optional[int] = None,
+        teacher_optimizer: Optional[OptimizerFactory] = None,
+        teacher_batch_size: Optional[int] = None,
+        alpha: float = 0.3,
+        temperature: float = 4.0,
+        revisit: Union[Literal["all"], int] = "all",
+        order: Literal["mixed", "sequential"] = "mixed",
+        stage_epochs: Optional[Sequence[int]] = None,
+        stage_lr: Optional[Sequence[float]] = None,
+        train_mb_size: int = 64,
+        train_epochs: int = 1,
+        eval_mb_size: Optional[int] = None,
+        device: Union[str, torch.device] = "cpu",
+        plugins: Optional[Sequence[BasePlugin]] = None,
+        evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
+        eval_every: int = -1,
+    ):
+        self.ed = EducationDistillationPlugin(
+            teachers=teachers,
+            teacher_factory=teacher_factory,
+            teacher_epochs=teacher_epochs,
+            teacher_optimizer=teacher_optimizer,
+            teacher_batch_size=teacher_batch_size,
+            alpha=alpha,
+            temperature=temperature,
+            revisit=revisit,
+            order=order,
+            stage_epochs=stage_epochs,
+            stage_lr=stage_lr,
+        )
+        super().__init__(
+            model=model,
+            optimizer=optimizer,
+            criterion=self.ed,
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size or train_mb_size,
+            device=device,
+            plugins=list(plugins or []) + [self.ed],
+            evaluator=evaluator,
+            eval_every=eval_every,
+        )
+
+
+__all__ = ["EducationDistillation", "M2KD"]

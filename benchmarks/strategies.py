@@ -12,7 +12,7 @@ from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 from avalanche.training.supervised import Cumulative
 from torch import nn
 
-from avalanche_m2kd import M2KD, models
+from avalanche_m2kd import M2KD, EducationDistillation, models
 from avalanche_m2kd.exemplars import ExemplarReplay, class_balanced_buffer
 
 
@@ -143,6 +143,27 @@ def _m2kd(**overrides):
     return build
 
 
+def build_ed(name: str, setup: Setup):
+    """ED's growing student of the backbone's family; each stage's teacher is
+    the backbone itself, trained on the stage alone with the same optimizer and
+    epochs; earlier stages are revisited through a memory of ``mem_size``."""
+    c = setup.config
+    channels, side = setup.input_shape[0], setup.input_shape[-1]
+    student = models.ed_student_for(c["model"], channels, side)
+    optimizer = make_optimizer(student.parameters(), name, c)
+    kwargs = dict(revisit=c["mem_size"])
+    kwargs.update(c.get("ed") or {})
+    return EducationDistillation(
+        model=student,
+        optimizer=optimizer,
+        teacher_factory=lambda n: models.create(c["model"], num_classes=n, in_channels=channels),
+        teacher_optimizer=lambda params: make_optimizer(params, name, c),
+        plugins=_plugins(optimizer, c, False),
+        **kwargs,
+        **_common(setup),
+    )
+
+
 STRATEGIES: Dict[str, Callable] = {
     "naive": build_naive,
     "joint": build_joint,
@@ -151,6 +172,7 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd": _m2kd(),
     "m2kd-last": _m2kd(teachers="last"),
     "m2kd-noaux": _m2kd(aux_layers=()),
+    "ed": build_ed,
 }
 """Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
 ``ReplayPlugin`` (``ExemplarReplay``) over the same class-balanced herding memory when
@@ -165,6 +187,7 @@ DESCRIPTIONS = {
     "m2kd": "M2KD: all snapshots, auxiliary heads",
     "m2kd-last": "M2KD with the last snapshot only",
     "m2kd-noaux": "M2KD without auxiliary heads",
+    "ed": "Education Distillation: growing student, one teacher per experience",
 }
 
 

@@ -8,11 +8,27 @@ from .resnet import (
     cifar_resnet110,
     make_head,
 )
+from .ed_student import (
+    EDStudent,
+    TeachingReferenceHead,
+    ed_resnet,
+    ed_resnet20,
+    ed_small,
+    ed_wrn16_2,
+    load_student_state,
+)
 from .small import SmallConvNet, cifar_cnn, digits_cnn, mnist_cnn
 
 __all__ = [
     "BasicBlock",
     "CifarResNet",
+    "EDStudent",
+    "TeachingReferenceHead",
+    "ed_resnet",
+    "ed_resnet20",
+    "ed_small",
+    "ed_wrn16_2",
+    "load_student_state",
     "SmallConvNet",
     "cifar_cnn",
     "cifar_resnet110",
@@ -51,6 +67,16 @@ def create(name: str, num_classes: Optional[int] = None, in_channels: Optional[i
     return MODELS[name](num_classes=num_classes, **kwargs)
 
 
+def ed_student_for(name: str, in_channels: int, input_size: int) -> EDStudent:
+    """ED's growing student matching a backbone of :data:`MODELS`: ``ed_small``
+    (ResNet-8) for the small CNNs, ``ed_resnet20`` for the ResNets."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name.startswith("resnet"):
+        return ed_resnet20(in_channels, input_size)
+    return ed_small(in_channels, input_size)
+
+
 def feature_extractor(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose head is replaced by the identity: it outputs
     the feature vector (for Avalanche's ``ICaRL`` feature_extractor)."""
@@ -61,4 +87,4 @@ def feature_extractor(model: nn.Module) -> nn.Module:
     return body
 
 
-__all__ += ["DEFAULT_AUX_LAYERS", "MODELS", "create", "feature_extractor"]
+__all__ += ["DEFAULT_AUX_LAYERS", "MODELS", "create", "ed_student_for", "feature_extractor"]

@@ -1,0 +1,331 @@
+"""Education Distillation as an Avalanche plugin (Feng et al., arXiv 2311.13811)."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Iterable, List, Literal, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsSelectionStrategy
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .._experience import check_class_incremental, check_new_classes, experience_index
+from ..losses import education_distillation_loss
+from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
+
+TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def default_teacher_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD, lr 0.05, momentum 0.9, weight decay 5e-4: ED's teacher settings [code]."""
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+class StageSequentialLoader:
+    """Iterates the stages' data one stage after another (each shuffled on its
+    own), so that every batch holds one stage: the authors' order [code]."""
+
+    def __init__(self, datasets: Sequence, batch_size: int, shuffle: bool = True, num_workers: int = 0):
+        self.datasets = [d for d in datasets if len(d) > 0]
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+
+    def __iter__(self):
+        for data in self.datasets:
+            yield from DataLoader(
+                data,
+                batch_size=self.batch_size,
+                shuffle=self.shuffle,
+                num_workers=self.num_workers,
+                collate_fn=getattr(data, "collate_fn", None),
+            )
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(d) / self.batch_size) for d in self.datasets)
+
+
+class EducationDistillationPlugin(SupervisedPlugin):
+    """Education Distillation: one specialist teacher per stage, each sample
+    distilled from the teacher of its own stage, while the student grows
+    (with :class:`~avalanche_m2kd.EDStudent`).
+
+    Stages are training experiences. For a sample of stage ``k`` the loss is
+    ``alpha * CE(z, y) + (1 - alpha) * T^2 * softCE(teacher_k(x)/T, z[C_k]/T)``,
+    with the softmax over stage ``k``'s logit slice only [ED code]. The plugin
+    is the strategy's criterion (pass ``criterion=plugin``, as the
+    :class:`~avalanche_m2kd.EducationDistillation` strategy does); in
+    evaluation it is plain cross-entropy.
+
+    Args:
+        teachers: one frozen teacher per stage: ``GroupTeacher`` objects or
+            ``(module, classes)`` pairs, where ``module`` outputs ``len(classes)``
+            logits for the global ``classes`` in that order (local labels).
+        teacher_factory: instead of ``teachers``: ``factory(n_classes)`` builds an
+            untrained teacher; the plugin trains stage ``k``'s teacher on
+            experience ``k``'s data alone (local labels) before the student
+            trains on it [ED code].
+        teacher_epochs: epochs of that training. Default None = the student's
+            epochs for the stage [ours] (the authors train teachers 240 epochs).
+        teacher_optimizer: ``factory(params) -> Optimizer`` for teacher training.
+            Default :func:`default_teacher_optimizer` [code].
+        teacher_batch_size: default None = the strategy's batch size.
+        alpha: weight of the cross-entropy. Default 0.3 [code]; 1 is plain
+            cross-entropy (teachers are then neither trained nor run).
+        temperature: default 4 [code].
+        revisit: data of earlier stages used at each stage: ``"all"`` (default,
+            as the authors' code) or an exemplar memory size (class-balanced,
+            random; ``0`` = a strict continual-learning run with no old data) for
+            comparisons with continual-learning methods [ours].
+        order: ``"mixed"`` (default [ours]: stages shuffled together, each sample
+            routed to its teacher) or ``"sequential"`` (each epoch walks stage by
+            stage, as the authors' code does).
+        stage_epochs: epochs per stage (a list indexed by experience; the last
+            value repeats). Default None = the strategy's ``train_epochs``.
+        stage_lr: learning rate per stage (same indexing), set when the stage
+            starts. Default None = unchanged.
+
+    When the student's parameters change (it grew), the optimizer is rebuilt
+    over exactly the model's parameters, momentum reset [code].
+    """
+
+    def __init__(
+        self,
+        teachers: Optional[Sequence[TeacherSpec]] = None,
+        teacher_factory: Optional[Callable[[int], nn.Module]] = None,
+        teacher_epochs: Optional[int] = None,
+        teacher_optimizer: Optional[OptimizerFactory] = None,
+        teacher_batch_size: Optional[int] = None,
+        alpha: float = 0.3,
+        temperature: float = 4.0,
+        revisit: Union[Literal["all"], int] = "all",
+        order: Literal["mixed", "sequential"] = "mixed",
+        stage_epochs: Optional[Sequence[int]] = None,
+        stage_lr: Optional[Sequence[float]] = None,
+    ):
+        super().__init__()
+        if (teachers is None) == (teacher_factory is None):
+            raise ValueError("EducationDistillationPlugin: give either teachers or teacher_factory (exactly one)")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"EducationDistillationPlugin: alpha must be in [0, 1], got {alpha}")
+        if temperature <= 0:
+            raise ValueError(f"EducationDistillationPlugin: temperature must be > 0, got {temperature}")
+        if not (revisit == "all" or (isinstance(revisit, int) and revisit >= 0)):
+            raise ValueError(f"EducationDistillationPlugin: revisit must be 'all' or a memory size >= 0, got {revisit!r}")
+        if order not in ("mixed", "sequential"):
+            raise ValueError(f"EducationDistillationPlugin: order must be 'mixed' or 'sequential', got {order!r}")
+        if stage_epochs is not None and (not stage_epochs or min(stage_epochs) < 1):
+            raise ValueError("EducationDistillationPlugin: stage_epochs must be a non-empty list of positive counts")
+        self.teachers: List[GroupTeacher] = [self._as_teacher(t, i) for i, t in enumerate(teachers or [])]
+        self.teacher_factory = teacher_factory
+        self.teacher_epochs = teacher_epochs
+        self.teacher_optimizer = teacher_optimizer or default_teacher_optimizer
+        self.teacher_batch_size = teacher_batch_size
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.revisit = revisit
+        self.order = order
+        self.stage_epochs = list(stage_epochs) if stage_epochs is not None else None
+        self.stage_lr = list(stage_lr) if stage_lr is not None else None
+        self.stage_classes: List[List[int]] = []
+        """Classes of each finished stage."""
+        self.current_classes: List[int] = []
+        self._finished_data: List = []  # each finished stage's training data (revisit="all")
+        self._stage_data: List = []  # the parts trained on at the current stage, stage order
+        self._memory: Optional[ParametricBuffer] = None
+        if isinstance(revisit, int) and revisit > 0:
+            self._memory = ParametricBuffer(revisit, groupby="class", selection_strategy=RandomExemplarsSelectionStrategy())
+        self._params_after_last_stage: Optional[set] = None
+        self._teacher_set: Optional[TeacherSet] = None
+        self._routed: Optional[Tuple[List[Tensor], List[TeacherOutput]]] = None
+
+    @staticmethod
+    def _as_teacher(spec: TeacherSpec, index: int) -> GroupTeacher:
+        if isinstance(spec, GroupTeacher):
+            return spec
+        try:
+            module, classes = spec
+        except (TypeError, ValueError):
+            raise ValueError(f"teachers[{index}] must be a GroupTeacher or a (module, classes) pair") from None
+        return GroupTeacher(module, classes, columns=range(len(classes)))
+
+    @property
+    def stage(self) -> int:
+        """Index of the stage being trained (= finished stages so far)."""
+        return len(self.stage_classes)
+
+    @property
+    def teacher_set(self) -> Optional[TeacherSet]:
+        """Teachers of the stages up to the current one, while training."""
+        return self._teacher_set
+
+    # -- the loss ----------------------------------------------------------------------
+    def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self._routed is None:  # evaluation, or alpha == 1
+            return F.cross_entropy(logits, targets)
+        index, outputs = self._routed
+        groups = self._teacher_set.groups
+        return education_distillation_loss(
+            logits, targets, [o.logits for o in outputs], index, groups, self.alpha, self.temperature
+        )
+
+    # -- Avalanche hooks --------------------------------------------------------------------
+    def before_training(self, strategy, **kwargs):
+        if strategy._criterion is not self:
+            raise ValueError(
+                "EducationDistillationPlugin is the classification loss: pass the same plugin as the "
+                "strategy's criterion (criterion=plugin), or use the EducationDistillation strategy."
+            )
+
+    def before_train_dataset_adaptation(self, strategy, **kwargs):
+        experience = strategy.experience
+        check_class_incremental("EducationDistillationPlugin", strategy.model, experience)
+        seen = [c for g in self.stage_classes for c in g]
+        self.current_classes = check_new_classes("EducationDistillationPlugin", experience, seen)
+        if self.teacher_factory is None:
+            self._check_given_teacher(experience)
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs):
+        old = self._old_stage_data()
+        self._stage_data = old + [strategy.adapted_dataset]
+        if self.order == "mixed":
+            for part in old:
+                strategy.adapted_dataset = strategy.adapted_dataset.concat(part)
+
+    def before_training_exp(self, strategy, **kwargs):
+        s = self.stage
+        if self.alpha < 1.0:
+            if self.teacher_factory is not None and len(self.teachers) == s:
+                self.teachers.append(self._train_teacher(strategy))
+            self._check_teacher_width(strategy, self.teachers[s])
+            self._teacher_set = TeacherSet(self.teachers[: s + 1]).to(strategy.device)
+        self._rebuild_optimizer_if_grown(strategy, self._params_after_last_stage)
+        if self.stage_epochs is not None:
+            strategy.train_epochs = self.stage_epochs[min(s, len(self.stage_epochs) - 1)]
+        if self.stage_lr is not None:
+            for group in strategy.optimizer.param_groups:
+                group["lr"] = self.stage_lr[min(s, len(self.stage_lr) - 1)]
+        if self.order == "sequential":
+            strategy.dataloader = StageSequentialLoader(self._stage_data, strategy.train_mb_size, shuffle=True)
+
+    def after_forward(self, strategy, **kwargs):
+        if self._teacher_set is not None:
+            self._routed = self._teacher_set.run_routed(strategy.mb_x, strategy.mb_y)
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self._routed = None
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self.revisit == "all":
+            self._finished_data.append(strategy.experience.dataset)
+        if self._memory is not None:
+            self._memory.post_adapt(strategy, strategy.experience)
+        self._stage_data = []
+        self._params_after_last_stage = {id(p) for p in strategy.model.parameters()}
+        self.stage_classes.append(list(self.current_classes))
+        self.current_classes = []
+        self._teacher_set = None
+        self._routed = None
+
+    # -- internals ------------------------------------------------------------------------------
+    def _old_stage_data(self) -> List:
+        if self.revisit == "all":
+            return list(self._finished_data)
+        if self._memory is None or len(self._memory.buffer) == 0:
+            return []
+        buffer = self._memory.buffer
+        targets = [int(t) for t in buffer.targets]
+        parts = []
+        for classes in self.stage_classes:
+            idx = [i for i, t in enumerate(targets) if t in set(classes)]
+            if idx:
+                parts.append(buffer.subset(idx))
+        return parts
+
+    def _check_given_teacher(self, experience) -> None:
+        s = self.stage
+        stream = getattr(experience, "origin_stream", None)
+        if stream is not None and len(stream) != len(self.teachers):
+            raise ValueError(
+                f"EducationDistillationPlugin: {len(self.teachers)} teachers for a stream of {len(stream)} "
+                "experiences; give one teacher per stage (experience)."
+            )
+        if s >= len(self.teachers):
+            raise ValueError(f"EducationDistillationPlugin: stage {s} has no teacher ({len(self.teachers)} given)")
+        owned = sorted(self.teachers[s].classes)
+        if owned != self.current_classes:
+            raise ValueError(
+                f"EducationDistillationPlugin: teacher {s} covers classes {owned} but experience "
+                f"{experience_index(experience)} has classes {self.current_classes}"
+            )
+
+    def _check_teacher_width(self, strategy, teacher: GroupTeacher) -> None:
+        x = strategy.experience.dataset.eval()[0][0].unsqueeze(0).to(strategy.device)
+        teacher.module.to(strategy.device)
+        with torch.no_grad():
+            width = teacher.module(x).shape[1]
+        if width != len(teacher.classes):
+            raise ValueError(
+                f"EducationDistillationPlugin: teacher {self.stage} outputs {width} logits but covers "
+                f"{len(teacher.classes)} classes {teacher.classes}; a stage teacher predicts its own classes "
+                "(local labels 0..n-1)"
+            )
+
+    def _train_teacher(self, strategy) -> GroupTeacher:
+        """Trains stage ``s``'s specialist on the experience's own data (local labels)."""
+        classes = list(self.current_classes)
+        device = strategy.device
+        teacher = self.teacher_factory(len(classes)).to(device)
+        optimizer = self.teacher_optimizer(teacher.parameters())
+        lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=device)
+        lookup[classes] = torch.arange(len(classes), device=device)
+        data = strategy.experience.dataset.train()
+        loader = DataLoader(
+            data,
+            batch_size=self.teacher_batch_size or strategy.train_mb_size,
+            shuffle=True,
+            collate_fn=getattr(data, "collate_fn", None),
+        )
+        epochs = self.teacher_epochs if self.teacher_epochs is not None else self._student_epochs(strategy)
+        teacher.train()
+        for _ in range(epochs):
+            for batch in loader:
+                x, y = batch[0].to(device), batch[1].to(device)
+                optimizer.zero_grad()
+                F.cross_entropy(teacher(x), lookup[y]).backward()
+                optimizer.step()
+        return GroupTeacher(teacher, classes, columns=range(len(classes)))
+
+    def _student_epochs(self, strategy) -> int:
+        if self.stage_epochs is not None:
+            return self.stage_epochs[min(self.stage, len(self.stage_epochs) - 1)]
+        return strategy.train_epochs
+
+    @staticmethod
+    def _rebuild_optimizer_if_grown(strategy, previous: Optional[set]) -> None:
+        """Rebuild when the model's parameters differ from the last stage's (it
+        grew; Avalanche re-maps same-named parameters and keeps their momentum)
+        or from the optimizer's."""
+        optimizer, model = strategy.optimizer, strategy.model
+        in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        in_model = {id(p) for p in model.parameters()}
+        if in_optimizer == in_model and (previous is None or previous == in_model):
+            return
+        if len(optimizer.param_groups) != 1:
+            raise ValueError(
+                "EducationDistillationPlugin rebuilds the optimizer when the student grows and supports one "
+                f"parameter group; this optimizer has {len(optimizer.param_groups)}"
+            )
+        # Avalanche's reset_optimizer does this but is deprecated in 0.6.0.
+        optimizer.param_groups[0]["params"] = list(model.parameters())
+        optimizer.state = defaultdict(dict)
+        # keep Avalanche's name -> parameter bookkeeping in step with the rebuilt optimizer
+        strategy.optimized_param_id = dict(model.named_parameters())
+
+
+__all__ = ["EducationDistillationPlugin", "StageSequentialLoader", "default_teacher_optimizer"]
