@@ -3,7 +3,7 @@ learning, as Avalanche plugins and strategies."""
 
 from . import datasets, losses, metrics, models
 from .models import EDStudent
-from .plugins import EducationDistillationPlugin, M2KDPlugin
+from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin
 from .snapshots import (
     FullSnapshotStore,
     PackNetSnapshotStore,
@@ -24,6 +24,7 @@ __all__ = [
     "GroupTeacher",
     "M2KD",
     "M2KDPlugin",
+    "NMEClassifierPlugin",
     "PackNetSnapshotStore",
     "SnapshotStore",
     "SparseSnapshotStore",

@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 from .exemplars import ExemplarReplay, class_balanced_buffer
 from .plugins.ed import EducationDistillationPlugin, OptimizerFactory, TeacherSpec
 from .plugins.m2kd import M2KDPlugin
+from .plugins.nme import NMEClassifierPlugin
 
 
 class M2KD(SupervisedTemplate):
@@ -31,8 +32,13 @@ class M2KD(SupervisedTemplate):
             Replayed through Avalanche's ``ReplayPlugin`` (as :class:`~avalanche_m2kd.exemplars.ExemplarReplay`) with a class-balanced
             ``ParametricBuffer``.
         exemplar_selection: ``"herding"`` (iCaRL's, default) or ``"random"``.
-        feature_layer: module whose output herding reads (default ``"embedding"``,
-            the feature vector of this library's models).
+        feature_layer: module whose output herding and the nearest-mean
+            classifier read (default ``"embedding"``, the feature vector of this
+            library's models).
+        classifier: ``"linear"`` (the trained head, default) or ``"nme"``
+            (iCaRL's nearest mean of exemplars, needs ``mem_size > 0``; see
+            :class:`~avalanche_m2kd.NMEClassifierPlugin`). ``loss="bce"``,
+            herding and ``"nme"`` together are the iCaRL protocol M2KD follows.
         temperature, mm_weight, aux_weight, aux_ce_weight, teachers, aux_layers,
             aux, feature_distance, snapshot_store, prune_ratio, post_prune_epochs,
             loss, head_layers: the :class:`~avalanche_m2kd.M2KDPlugin`
@@ -51,6 +57,7 @@ class M2KD(SupervisedTemplate):
         mem_size: int = 0,
         exemplar_selection: Literal["herding", "random"] = "herding",
         feature_layer: str = "embedding",
+        classifier: Literal["linear", "nme"] = "linear",
         train_mb_size: int = 32,
         train_epochs: int = 1,
         eval_mb_size: Optional[int] = None,
@@ -74,6 +81,10 @@ class M2KD(SupervisedTemplate):
     ):
         if mem_size < 0:
             raise ValueError(f"M2KD: mem_size must be >= 0, got {mem_size}")
+        if classifier not in ("linear", "nme"):
+            raise ValueError(f"M2KD: classifier must be 'linear' or 'nme', got {classifier!r}")
+        if classifier == "nme" and mem_size == 0:
+            raise ValueError("M2KD: classifier='nme' needs exemplars; set mem_size > 0")
         self.m2kd = M2KDPlugin(
             temperature=temperature,
             mm_weight=mm_weight,
@@ -93,10 +104,14 @@ class M2KD(SupervisedTemplate):
             criterion = self.m2kd
         all_plugins: List[BasePlugin] = list(plugins or []) + [self.m2kd]
         self.replay: Optional[ExemplarReplay] = None
+        self.nme: Optional[NMEClassifierPlugin] = None
         if mem_size > 0:
             buffer = class_balanced_buffer(mem_size, exemplar_selection, feature_layer)
             self.replay = ExemplarReplay(mem_size, storage_policy=buffer)
             all_plugins.append(self.replay)
+            if classifier == "nme":  # after the replay plugin: means of the updated memory
+                self.nme = NMEClassifierPlugin(buffer, feature_layer)
+                all_plugins.append(self.nme)
         super().__init__(
             model=model,
             optimizer=optimizer,

@@ -28,7 +28,7 @@ class Setup:
     buffer_transform: Optional[Callable] = None  # augmentation for iCaRL's stored (eval-transformed) exemplars
 
 
-SIGMOID_LOSS = {"icarl"}
+SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last"}
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 
 
@@ -131,6 +131,8 @@ def _m2kd(**overrides):
         kwargs = dict(aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]))
         kwargs.update(setup.config.get("m2kd") or {})
         kwargs.update(overrides)
+        if kwargs.get("classifier") == "nme" and setup.config["mem_size"] <= 0:
+            raise ValueError(f"{name} needs an exemplar memory: set --mem-size > 0 or leave it out of --strategies")
         return M2KD(
             model=model,
             optimizer=optimizer,
@@ -172,6 +174,8 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd": _m2kd(),
     "m2kd-last": _m2kd(teachers="last"),
     "m2kd-noaux": _m2kd(aux_layers=()),
+    "m2kd-icarl": _m2kd(loss="bce", classifier="nme"),
+    "m2kd-icarl-last": _m2kd(loss="bce", classifier="nme", teachers="last"),
     "ed": build_ed,
 }
 """Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
@@ -187,6 +191,8 @@ DESCRIPTIONS = {
     "m2kd": "M2KD: all snapshots, auxiliary heads",
     "m2kd-last": "M2KD with the last snapshot only",
     "m2kd-noaux": "M2KD without auxiliary heads",
+    "m2kd-icarl": "M2KD in iCaRL's form: sigmoid loss, herding, nearest-mean classifier",
+    "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
     "ed": "Education Distillation: growing student, one teacher per experience",
 }
 

@@ -2,5 +2,6 @@
 
 from .ed import EducationDistillationPlugin
 from .m2kd import M2KDPlugin
+from .nme import NMEClassifierPlugin
 
-__all__ = ["EducationDistillationPlugin", "M2KDPlugin"]
+__all__ = ["EducationDistillationPlugin", "M2KDPlugin", "NMEClassifierPlugin"]

@@ -298,14 +298,20 @@ class M2KDPlugin(SupervisedPlugin):
         groups = self._teacher_groups if teacher_outputs else []
         return sigmoid_distillation_loss(logits, targets, seen, [o.logits for o in teacher_outputs], groups)
 
-    def compute_losses(self, model: nn.Module, x: Tensor, y: Tensor) -> Dict[str, Tensor]:
+    def compute_losses(
+        self, model: nn.Module, x: Tensor, y: Tensor, current_classes: Optional[Sequence[int]] = None
+    ) -> Dict[str, Tensor]:
         """Forward ``model`` on ``(x, y)`` and return the plugin's loss terms
         (see :meth:`loss_terms`), plus ``"classification"`` for ``loss="bce"``
         and ``"total"`` (their weighted sum, without the strategy's CE).
 
+        ``current_classes``: the classes of the experience the batch comes from
+        (outside training the plugin otherwise knows only the batch's labels).
         Teachers are rebuilt from the snapshot store unless an experience is
         being trained. For tests, notebooks and custom training loops.
         """
+        if current_classes is not None:
+            self.current_classes = sorted(int(c) for c in current_classes)
         self.prepare_model(model, x[:1])
         teacher_set = self._teacher_set
         if teacher_set is None:
