@@ -41,7 +41,8 @@ class M2KD(SupervisedTemplate):
             herding and ``"nme"`` together are the iCaRL protocol M2KD follows.
         temperature, mm_weight, aux_weight, aux_ce_weight, teachers, aux_layers,
             aux, feature_distance, snapshot_store, prune_ratio, post_prune_epochs,
-            loss, head_layers: the :class:`~avalanche_m2kd.M2KDPlugin`
+            loss, head_layers, teacher_cache, batched_teachers,
+            teachers_per_batch: the :class:`~avalanche_m2kd.M2KDPlugin`
             arguments, with the same defaults.
 
     The plugin is available as ``strategy.m2kd`` (snapshots: ``strategy.m2kd.snapshots``).
@@ -78,6 +79,9 @@ class M2KD(SupervisedTemplate):
         post_prune_epochs: int = 1,
         loss: Literal["kl", "bce"] = "kl",
         head_layers: Optional[Sequence[str]] = None,
+        teacher_cache: Literal["auto", "exact", "off"] = "auto",
+        batched_teachers: bool = False,
+        teachers_per_batch: Optional[int] = None,
     ):
         if mem_size < 0:
             raise ValueError(f"M2KD: mem_size must be >= 0, got {mem_size}")
@@ -99,6 +103,9 @@ class M2KD(SupervisedTemplate):
             post_prune_epochs=post_prune_epochs,
             loss=loss,
             head_layers=head_layers,
+            teacher_cache=teacher_cache,
+            batched_teachers=batched_teachers,
+            teachers_per_batch=teachers_per_batch,
         )
         if self.m2kd.loss == "bce":
             criterion = self.m2kd
@@ -139,7 +146,8 @@ class EducationDistillation(SupervisedTemplate):
             plugins, evaluator, eval_every: as Avalanche's ``SupervisedTemplate``.
         teachers, teacher_factory, teacher_epochs, teacher_optimizer,
             teacher_batch_size, alpha, temperature, revisit, order,
-            stage_epochs, stage_lr: the plugin's arguments, same defaults.
+            stage_epochs, stage_lr, teacher_cache: the plugin's arguments,
+            same defaults.
 
     The plugin is ``strategy.ed``. The caller's ``plugins`` list is not modified.
     """
@@ -160,6 +168,7 @@ class EducationDistillation(SupervisedTemplate):
         order: Literal["mixed", "sequential"] = "mixed",
         stage_epochs: Optional[Sequence[int]] = None,
         stage_lr: Optional[Sequence[float]] = None,
+        teacher_cache: Literal["auto", "exact", "off"] = "auto",
         train_mb_size: int = 64,
         train_epochs: int = 1,
         eval_mb_size: Optional[int] = None,
@@ -180,6 +189,7 @@ class EducationDistillation(SupervisedTemplate):
             order=order,
             stage_epochs=stage_epochs,
             stage_lr=stage_lr,
+            teacher_cache=teacher_cache,
         )
         super().__init__(
             model=model,

@@ -5,17 +5,26 @@ A :class:`GroupTeacher` is a frozen module plus the global classes it owns and
 the output columns where it predicts them (M2KD's snapshots predict global
 classes, so ``columns == classes``; ED's stage teachers predict local labels,
 so ``columns == range(len(classes))``). A :class:`TeacherSet` runs them:
-either every teacher on the whole batch (M2KD) or each sample through the
-teacher of its own group (ED).
+every teacher (or a chosen subset) on the whole batch (M2KD), or each sample
+through the teacher of its own group (ED); optionally
+
+* **batched**: all teachers in one ``torch.func.vmap`` pass over their stacked
+  weights instead of a Python loop (same architecture required);
+* **cached**: each teacher's outputs stored per input, keyed by a fingerprint
+  of the input's exact bits, so an input seen again (the next epoch, with a
+  deterministic transform) costs no forward pass. Exact by construction: a hit
+  means bit-identical input to a frozen, eval-mode teacher.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
 
 from .snapshots import freeze
 from .taps import AUX_ATTRIBUTE, FeatureTaps
@@ -39,9 +48,7 @@ class GroupTeacher:
         self.classes = [int(c) for c in classes]
         self.columns = [int(c) for c in (self.classes if columns is None else columns)]
         if len(self.columns) != len(self.classes):
-            raise ValueError(
-                f"GroupTeacher: {len(self.classes)} classes but {len(self.columns)} output columns"
-            )
+            raise ValueError(f"GroupTeacher: {len(self.classes)} classes but {len(self.columns)} output columns")
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"GroupTeacher: repeated classes in {self.classes}")
         self._column_index: Optional[Tensor] = None
@@ -50,6 +57,179 @@ class GroupTeacher:
         if self._column_index is None or self._column_index.device != device:
             self._column_index = torch.as_tensor(self.columns, dtype=torch.long, device=device)
         return self._column_index
+
+
+_FINGERPRINT_WEIGHTS: Dict[tuple, Tensor] = {}
+
+
+def input_fingerprints(x: Tensor) -> Tensor:
+    """``[B, 2]`` int64 fingerprints of the rows of ``x``: two random linear
+    hashes (mod 2^64) of each row's exact bit pattern. Equal rows give equal
+    fingerprints whatever the batch; different rows collide with negligible
+    probability."""
+    flat = x.detach().reshape(x.shape[0], -1).contiguous()
+    if flat.dtype in (torch.float32, torch.int32):
+        bits = flat.view(torch.int32).to(torch.int64)
+    elif flat.dtype in (torch.float64, torch.int64):
+        bits = flat.view(torch.int64)
+    elif flat.dtype in (torch.float16, torch.bfloat16, torch.int16):
+        bits = flat.view(torch.int16).to(torch.int64)
+    else:
+        bits = flat.to(torch.int64)
+    key = (bits.shape[1], str(bits.device))
+    if key not in _FINGERPRINT_WEIGHTS:
+        g = torch.Generator().manual_seed(0x5EED)
+        w = torch.randint(1, 2**62, (bits.shape[1], 2), generator=g, dtype=torch.int64) | 1
+        _FINGERPRINT_WEIGHTS[key] = w.to(bits.device)
+    w = _FINGERPRINT_WEIGHTS[key]
+    # integer arithmetic wraps modulo 2^64: exact and independent of batch composition
+    return torch.stack([(bits * w[:, 0]).sum(dim=1), (bits * w[:, 1]).sum(dim=1)], dim=1)
+
+
+class OutputCache:
+    """Per-input storage of teacher outputs (one row per distinct input)."""
+
+    def __init__(self, n_teachers: int):
+        self.n_teachers = n_teachers
+        self._rows: Dict[tuple, int] = {}
+        self._values: List[Optional[Tensor]] = [None] * n_teachers
+        self._filled: List[Optional[Tensor]] = [None] * n_teachers
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Row of each input of the batch (new inputs get new rows)."""
+        keys = input_fingerprints(x).tolist()
+        rows = []
+        for k in keys:
+            k = tuple(k)
+            row = self._rows.get(k)
+            if row is None:
+                row = self._rows[k] = len(self._rows)
+            rows.append(row)
+        return torch.as_tensor(rows, dtype=torch.long, device=x.device)
+
+    def _ensure(self, j: int, width: int, device: torch.device) -> None:
+        needed = max(len(self._rows), 1)
+        values, filled = self._values[j], self._filled[j]
+        if values is None:
+            capacity = max(needed, 1024)
+            self._values[j] = torch.empty(capacity, width, device=device)
+            self._filled[j] = torch.zeros(capacity, dtype=torch.bool, device=device)
+        elif values.shape[0] < needed:
+            capacity = max(needed, 2 * values.shape[0])
+            grown = torch.empty(capacity, values.shape[1], device=values.device)
+            grown[: values.shape[0]] = values
+            grown_filled = torch.zeros(capacity, dtype=torch.bool, device=values.device)
+            grown_filled[: filled.shape[0]] = filled
+            self._values[j], self._filled[j] = grown, grown_filled
+
+    def missing(self, j: int, rows: Tensor) -> Tensor:
+        """Mask of the rows teacher ``j`` has no output for yet."""
+        filled = self._filled[j]
+        if filled is None:
+            return torch.ones_like(rows, dtype=torch.bool)
+        inside = rows < filled.shape[0]
+        out = torch.ones_like(rows, dtype=torch.bool)
+        out[inside] = ~filled[rows[inside]]
+        return out
+
+    def store(self, j: int, rows: Tensor, values: Tensor) -> None:
+        self._ensure(j, values.shape[1], values.device)
+        self._values[j][rows] = values
+        self._filled[j][rows] = True
+
+    def gather(self, j: int, rows: Tensor) -> Tensor:
+        return self._values[j].index_select(0, rows)
+
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self._values if v is not None)
+
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+class _Forward(nn.Module):
+    """A teacher's whole forward as one module (for ``functional_call``):
+    logits, auxiliary logits and tapped features."""
+
+    def __init__(self, module: nn.Module, feature_layers: Sequence[str], aux_logits: bool):
+        super().__init__()
+        self.model = module
+        self.aux_logits = aux_logits
+        self.taps = FeatureTaps(module, feature_layers) if feature_layers else None
+
+    def forward(self, x: Tensor):
+        if self.taps is None:
+            return self.model(x), [], []
+        with self.taps:
+            out = self.model(x)
+            features = self.taps.features()
+        aux = getattr(self.model, AUX_ATTRIBUTE)(features) if self.aux_logits else []
+        return out, aux, features
+
+
+def _pad_to(states: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
+    """Zero-pad same-named tensors to their largest shape (heads that grew)."""
+    padded = []
+    for state in states:
+        out = {}
+        for name, value in state.items():
+            shape = [max(s[name].shape[d] for s in states) for d in range(value.dim())]
+            if list(value.shape) == shape:
+                out[name] = value
+            else:
+                grown = value.new_zeros(shape)
+                grown[tuple(slice(0, s) for s in value.shape)] = value
+                out[name] = grown
+        padded.append(out)
+    return padded
+
+
+class _StackedTeachers:
+    """All teachers in one ``vmap`` over their stacked weights."""
+
+    def __init__(self, teachers: Sequence[GroupTeacher], feature_layers: Sequence[str], aux_logits: bool):
+        modules = [t.module for t in teachers]
+        keys = [list(m.state_dict()) for m in modules]
+        if any(k != keys[0] for k in keys):
+            raise ValueError("batched teachers need the same architecture (the same state_dict names)")
+        states = _pad_to([{k: v.detach() for k, v in m.state_dict().items()} for m in modules])
+        template = copy.deepcopy(modules[0])
+        from .snapshots import load_state_reshaped
+
+        load_state_reshaped(template, states[0])
+        freeze(template)
+        self.forward = _Forward(template, feature_layers, aux_logits)
+        param_names = {f"model.{n}" for n, _ in template.named_parameters()}
+        self.params = {}
+        self.buffers = {}
+        for name in states[0]:
+            stacked = torch.stack([s[name] for s in states])
+            (self.params if f"model.{name}" in param_names else self.buffers)[f"model.{name}"] = stacked
+
+    def to(self, device) -> "_StackedTeachers":
+        self.forward.to(device)
+        self.params = {k: v.to(device) for k, v in self.params.items()}
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+    def __call__(self, x: Tensor, indices: Optional[Sequence[int]] = None):
+        params, buffers = self.params, self.buffers
+        if indices is not None:
+            idx = torch.as_tensor(list(indices), device=x.device)
+            params = {k: v.index_select(0, idx) for k, v in params.items()}
+            buffers = {k: v.index_select(0, idx) for k, v in buffers.items()}
+
+        def one(p, b, inputs):
+            out, aux, feats = functional_call(self.forward, (p, b), (inputs,))
+            return out, tuple(aux), tuple(feats)
+
+        return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
 
 
 class TeacherSet:
@@ -61,12 +241,24 @@ class TeacherSet:
             ``aux_layers``); their outputs come back as ``features``.
         aux_logits: also return the teachers' auxiliary-head logits (teachers
             must then carry M2KD's auxiliary heads).
+        batched: evaluate all teachers in one ``vmap`` pass (same architecture).
+        cache: keep each teacher's outputs per input (see the module
+            docstring); incompatible with returning ``features``.
     """
 
-    def __init__(self, teachers: Sequence[GroupTeacher], feature_layers: Sequence[str] = (), aux_logits: bool = False):
+    def __init__(
+        self,
+        teachers: Sequence[GroupTeacher],
+        feature_layers: Sequence[str] = (),
+        aux_logits: bool = False,
+        batched: bool = False,
+        cache: bool = False,
+        return_features: Optional[bool] = None,
+    ):
         self.teachers = list(teachers)
         self.feature_layers = list(feature_layers)
         self.aux_logits = aux_logits
+        self.return_features = bool(self.feature_layers) and not aux_logits if return_features is None else return_features
         seen: set[int] = set()
         for t in self.teachers:
             overlap = seen.intersection(t.classes)
@@ -75,7 +267,12 @@ class TeacherSet:
             seen.update(t.classes)
         if aux_logits and not feature_layers:
             raise ValueError("TeacherSet: aux_logits needs feature_layers")
-        self._taps = [FeatureTaps(t.module, self.feature_layers) if self.feature_layers else None for t in self.teachers]
+        if cache and self.return_features:
+            raise ValueError("TeacherSet: feature maps are not cached (too large); use cache=False")
+        self._runners = [_Forward(t.module, self.feature_layers, aux_logits) for t in self.teachers]
+        self.batched = batched and len(self.teachers) > 1
+        self._stacked = _StackedTeachers(self.teachers, self.feature_layers, aux_logits) if self.batched else None
+        self.cache = OutputCache(len(self.teachers)) if cache else None
         self._class_to_teacher: Optional[Tensor] = None
 
     def __len__(self) -> int:
@@ -88,31 +285,63 @@ class TeacherSet:
     def to(self, device: torch.device | str) -> "TeacherSet":
         for t in self.teachers:
             t.module.to(device)
+        if self._stacked is not None:
+            self._stacked.to(device)
         return self
 
+    # -- computing outputs ------------------------------------------------------------
+    def _select(self, j: int, out: Tensor, aux: Sequence[Tensor], feats: Sequence[Tensor]) -> TeacherOutput:
+        columns = self.teachers[j].column_index(out.device)
+        return TeacherOutput(
+            out.index_select(1, columns),
+            [a.index_select(1, columns) for a in aux],
+            list(feats) if self.return_features else [],
+        )
+
     @torch.no_grad()
+    def compute(self, x: Tensor, indices: Sequence[int]) -> Dict[int, TeacherOutput]:
+        """Teachers ``indices`` on ``x``, without the cache."""
+        indices = list(indices)
+        if self._stacked is not None and len(indices) > 1:
+            out, aux, feats = self._stacked(x, None if indices == list(range(len(self))) else indices)
+            return {
+                j: self._select(j, out[i], [a[i] for a in aux], [f[i] for f in feats]) for i, j in enumerate(indices)
+            }
+        return {j: self._select(j, *self._runners[j](x)) for j in indices}
+
     def run(self, index: int, x: Tensor) -> TeacherOutput:
         """Teacher ``index`` on ``x``."""
-        teacher = self.teachers[index]
-        taps = self._taps[index]
-        if taps is None:
-            out = teacher.module(x)
-            features: List[Tensor] = []
-        else:
-            with taps:
-                out = teacher.module(x)
-                features = taps.features()
-        columns = teacher.column_index(out.device)
-        aux: List[Tensor] = []
-        if self.aux_logits:
-            heads = getattr(teacher.module, AUX_ATTRIBUTE)
-            aux = [a.index_select(1, columns) for a in heads(features)]
-        return TeacherOutput(out.index_select(1, columns), aux, features)
+        return self.run_all(x, [index])[0]
 
-    def run_all(self, x: Tensor) -> List[TeacherOutput]:
-        """Every teacher on the whole batch (M2KD)."""
-        return [self.run(i, x) for i in range(len(self))]
+    @torch.no_grad()
+    def run_all(self, x: Tensor, indices: Optional[Sequence[int]] = None) -> List[TeacherOutput]:
+        """Teachers ``indices`` (default: all) on the whole batch (M2KD), in that order."""
+        indices = list(range(len(self))) if indices is None else list(indices)
+        if self.cache is None:
+            outputs = self.compute(x, indices)
+            return [outputs[j] for j in indices]
+        rows = self.cache.rows(x)
+        need = torch.zeros_like(rows, dtype=torch.bool)
+        for j in set(indices):
+            need |= self.cache.missing(j, rows)
+        n_need = int(need.sum())
+        self.cache.misses += n_need
+        self.cache.hits += rows.numel() - n_need
+        if n_need:
+            where = torch.nonzero(need).flatten()
+            fresh = self.compute(x.index_select(0, where), sorted(set(indices)))
+            for j, out in fresh.items():
+                self.cache.store(j, rows[where], self._pack(out))
+        return [self._unpack(self.cache.gather(j, rows), len(self.teachers[j].classes)) for j in indices]
 
+    def _pack(self, out: TeacherOutput) -> Tensor:
+        return torch.cat([out.logits, *out.aux_logits], dim=1)
+
+    def _unpack(self, values: Tensor, width: int) -> TeacherOutput:
+        parts = list(values.split(width, dim=1))
+        return TeacherOutput(parts[0], parts[1:])
+
+    # -- routing (ED) -------------------------------------------------------------------
     def route(self, targets: Tensor) -> List[Tensor]:
         """Batch positions of the samples each teacher owns (by label).
 
@@ -133,21 +362,37 @@ class TeacherSet:
         owner = table[targets]
         return [torch.nonzero(owner == i, as_tuple=False).flatten() for i in range(len(self))]
 
+    @torch.no_grad()
     def run_routed(self, x: Tensor, targets: Tensor) -> tuple[List[Tensor], List[TeacherOutput]]:
         """Each sample through the teacher of its own group (ED).
 
         Returns the per-teacher batch positions and outputs (teachers that own
-        no sample of the batch are skipped: their output has zero rows).
+        no sample of the batch give zero rows).
         """
         index = self.route(targets)
+        rows = self.cache.rows(x) if self.cache is not None else None
         outputs = []
-        for i, idx in enumerate(index):
+        for j, idx in enumerate(index):
+            n = len(self.teachers[j].classes)
             if idx.numel() == 0:
-                n = len(self.teachers[i].classes)
                 outputs.append(TeacherOutput(x.new_zeros((0, n))))
-            else:
-                outputs.append(self.run(i, x.index_select(0, idx)))
+                continue
+            if rows is None:
+                outputs.append(self._runners_output(j, x.index_select(0, idx)))
+                continue
+            own_rows = rows[idx]
+            missing = self.cache.missing(j, own_rows)
+            n_missing = int(missing.sum())
+            self.cache.misses += n_missing
+            self.cache.hits += idx.numel() - n_missing
+            if n_missing:
+                where = idx[missing]
+                self.cache.store(j, rows[where], self._pack(self._runners_output(j, x.index_select(0, where))))
+            outputs.append(self._unpack(self.cache.gather(j, own_rows), n))
         return index, outputs
 
+    def _runners_output(self, j: int, x: Tensor) -> TeacherOutput:
+        return self._select(j, *self._runners[j](x))
 
-__all__ = ["GroupTeacher", "TeacherOutput", "TeacherSet"]
+
+__all__ = ["GroupTeacher", "OutputCache", "TeacherOutput", "TeacherSet", "input_fingerprints"]

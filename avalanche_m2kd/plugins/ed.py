@@ -13,6 +13,7 @@ from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsS
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
 from .._experience import check_class_incremental, check_new_classes, experience_index
 from ..losses import education_distillation_loss
 from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
@@ -89,6 +90,10 @@ class EducationDistillationPlugin(SupervisedPlugin):
             value repeats). Default None = the strategy's ``train_epochs``.
         stage_lr: learning rate per stage (same indexing), set when the stage
             starts. Default None = unchanged.
+        teacher_cache: ``"auto"`` (default) keeps each stage teacher's outputs
+            per training input and reuses them in later epochs when the training
+            transform is deterministic; ``"exact"`` insists; ``"off"`` never
+            caches (see :class:`~avalanche_m2kd.M2KDPlugin`).
 
     When the student's parameters change (it grew), the optimizer is rebuilt
     over exactly the model's parameters, momentum reset [code].
@@ -107,8 +112,10 @@ class EducationDistillationPlugin(SupervisedPlugin):
         order: Literal["mixed", "sequential"] = "mixed",
         stage_epochs: Optional[Sequence[int]] = None,
         stage_lr: Optional[Sequence[float]] = None,
+        teacher_cache: CacheMode = "auto",
     ):
         super().__init__()
+        check_cache_mode("EducationDistillationPlugin", teacher_cache)
         if (teachers is None) == (teacher_factory is None):
             raise ValueError("EducationDistillationPlugin: give either teachers or teacher_factory (exactly one)")
         if not 0.0 <= alpha <= 1.0:
@@ -132,6 +139,7 @@ class EducationDistillationPlugin(SupervisedPlugin):
         self.order = order
         self.stage_epochs = list(stage_epochs) if stage_epochs is not None else None
         self.stage_lr = list(stage_lr) if stage_lr is not None else None
+        self.teacher_cache = teacher_cache
         self.stage_classes: List[List[int]] = []
         """Classes of each finished stage."""
         self.current_classes: List[int] = []
@@ -203,7 +211,8 @@ class EducationDistillationPlugin(SupervisedPlugin):
             if self.teacher_factory is not None and len(self.teachers) == s:
                 self.teachers.append(self._train_teacher(strategy))
             self._check_teacher_width(strategy, self.teachers[s])
-            self._teacher_set = TeacherSet(self.teachers[: s + 1]).to(strategy.device)
+            cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset)
+            self._teacher_set = TeacherSet(self.teachers[: s + 1], cache=cache).to(strategy.device)
         self._rebuild_optimizer_if_grown(strategy, self._params_after_last_stage)
         if self.stage_epochs is not None:
             strategy.train_epochs = self.stage_epochs[min(s, len(self.stage_epochs) - 1)]
@@ -212,6 +221,16 @@ class EducationDistillationPlugin(SupervisedPlugin):
                 group["lr"] = self.stage_lr[min(s, len(self.stage_lr) - 1)]
         if self.order == "sequential":
             strategy.dataloader = StageSequentialLoader(self._stage_data, strategy.train_mb_size, shuffle=True)
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if self._teacher_set is not None:
+            reset_counts(self._teacher_set.cache)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        ts = self._teacher_set
+        epoch = strategy.clock.train_exp_epochs
+        if ts is not None and not check_hit_rate("EducationDistillationPlugin", self.teacher_cache, ts.cache, epoch):
+            ts.cache = None
 
     def after_forward(self, strategy, **kwargs):
         if self._teacher_set is not None:

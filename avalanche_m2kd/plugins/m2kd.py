@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
+from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
 from .._experience import check_class_incremental, check_new_classes, experience_index
 from ..losses import (
     cross_entropy_over,
@@ -98,6 +99,21 @@ class M2KDPlugin(SupervisedPlugin):
         head_layers: names of the classifier heads, stored per snapshot rather
             than pruned. Default: every ``IncrementalClassifier``, else the last
             ``nn.Linear``.
+        teacher_cache: ``"auto"`` (default) stores every snapshot's outputs per
+            training input and reuses them in later epochs when the training
+            transform is deterministic (checked by reading samples twice), exact
+            by construction; ``"exact"`` insists (random augmentation is an
+            error); ``"off"`` never caches. Feature maps (``aux="features"``)
+            are not cached.
+        batched_teachers: evaluate all snapshots in one ``torch.func.vmap`` pass
+            over their stacked weights instead of a Python loop. Same outputs
+            (to float rounding). Default False [ours]: on a 2-core CPU it does
+            not pay (see the README's speed table).
+        teachers_per_batch: if set (``k``), each batch draws ``k`` snapshots with
+            replacement, with probability ``w_k``, and weights each drawn one by
+            its count over ``k``: the expected loss equals the full multi-model
+            loss, at ``k`` teacher forwards per batch. ``loss="kl"`` only.
+            Default None (every snapshot, every batch).
     """
 
     def __init__(
@@ -115,8 +131,17 @@ class M2KDPlugin(SupervisedPlugin):
         post_prune_epochs: int = 1,
         loss: LossForm = "kl",
         head_layers: Optional[Sequence[str]] = None,
+        teacher_cache: CacheMode = "auto",
+        batched_teachers: bool = False,
+        teachers_per_batch: Optional[int] = None,
     ):
         super().__init__()
+        check_cache_mode("M2KDPlugin", teacher_cache)
+        if teachers_per_batch is not None:
+            if teachers_per_batch < 1:
+                raise ValueError(f"M2KDPlugin: teachers_per_batch must be >= 1, got {teachers_per_batch}")
+            if loss != "kl":
+                raise ValueError("M2KDPlugin: teachers_per_batch needs loss='kl' (with 'bce' teachers supply targets, not terms)")
         if temperature <= 0:
             raise ValueError(f"M2KDPlugin: temperature must be > 0, got {temperature}")
         if teachers not in ("all", "last"):
@@ -144,6 +169,9 @@ class M2KDPlugin(SupervisedPlugin):
         self.feature_distance = feature_distance
         self.loss = loss
         self.post_prune_epochs = int(post_prune_epochs)
+        self.teacher_cache = teacher_cache
+        self.batched_teachers = bool(batched_teachers)
+        self.teachers_per_batch = teachers_per_batch
         self.snapshots = make_snapshot_store(snapshot_store, prune_ratio, head_layers)
         self.groups: List[List[int]] = []
         """Classes introduced by each finished experience (``C_1, C_2, ...``)."""
@@ -156,6 +184,9 @@ class M2KDPlugin(SupervisedPlugin):
         self._taps_model: Optional[nn.Module] = None
         self._features: List[Tensor] = []
         self._outputs: Optional[List[TeacherOutput]] = None
+        self._batch_groups: List[List[int]] = []
+        self._batch_weights: List[float] = []
+        self._cache_this_experience = False
         self._width_checked = False
 
     # -- configuration helpers -----------------------------------------------------
@@ -197,6 +228,15 @@ class M2KDPlugin(SupervisedPlugin):
             "head_layers": self.snapshots.head_layers,
         }
 
+    def speed_config(self) -> dict:
+        """The speed options (they do not change what is computed, except
+        ``teachers_per_batch``, which samples it)."""
+        return {
+            "teacher_cache": self.teacher_cache,
+            "batched_teachers": self.batched_teachers,
+            "teachers_per_batch": self.teachers_per_batch,
+        }
+
     # -- model preparation ---------------------------------------------------------
     def prepare_model(self, model: nn.Module, example: Tensor) -> None:
         """Check ``aux_layers`` and attach the auxiliary heads (once).
@@ -223,7 +263,7 @@ class M2KDPlugin(SupervisedPlugin):
             self._taps_model = model
         return self._taps
 
-    def _build_teachers(self, device: torch.device | str) -> Optional[TeacherSet]:
+    def _build_teachers(self, device: torch.device | str, cache: bool = False) -> Optional[TeacherSet]:
         n = len(self.snapshots)
         if n == 0:
             self._teacher_groups = []
@@ -238,7 +278,30 @@ class M2KDPlugin(SupervisedPlugin):
             [GroupTeacher(m, g) for m, g in zip(modules, groups)],
             feature_layers=self.aux_layers,
             aux_logits=self.uses_aux_heads,
-        )
+            batched=self.batched_teachers,
+            cache=cache,
+        ).to(device)
+
+    def _run_teachers(self, x: Tensor) -> List[TeacherOutput]:
+        """All teachers, or a weighted sample of them (``teachers_per_batch``);
+        sets the groups and weights the loss uses for this batch."""
+        teacher_set = self._teacher_set
+        if teacher_set is None:
+            self._batch_groups, self._batch_weights = [], []
+            return []
+        groups = self._teacher_groups
+        weights = group_weights(groups)
+        k = self.teachers_per_batch
+        if k is None or len(groups) <= 1:
+            self._batch_groups, self._batch_weights = groups, weights
+            return teacher_set.run_all(x)
+        draws = torch.multinomial(torch.tensor(weights), k, replacement=True)
+        counts = torch.bincount(draws, minlength=len(groups))
+        chosen = [j for j in range(len(groups)) if counts[j] > 0]
+        # E[count_j / k] = w_j: the weighted sum of the chosen terms is unbiased
+        self._batch_groups = [groups[j] for j in chosen]
+        self._batch_weights = [float(counts[j]) / k for j in chosen]
+        return teacher_set.run_all(x, chosen)
 
     # -- the loss --------------------------------------------------------------------
     def loss_terms(
@@ -259,8 +322,8 @@ class M2KDPlugin(SupervisedPlugin):
         """
         terms: Dict[str, Tensor] = {}
         seen = self.seen_classes(torch.unique(targets).tolist())
-        groups = self._teacher_groups if teacher_outputs else []
-        weights = group_weights(groups) if groups else []
+        groups = self._batch_groups if teacher_outputs else []
+        weights = self._batch_weights if teacher_outputs else []
         aux_logits = getattr(model, AUX_ATTRIBUTE)(features) if self.uses_aux_heads else []
         if self.loss == "bce":
             if aux_logits:
@@ -295,7 +358,7 @@ class M2KDPlugin(SupervisedPlugin):
         """``loss="bce"``: iCaRL's per-class sigmoid loss over the seen classes,
         old-class targets from the snapshot that learned each class."""
         seen = self.seen_classes(torch.unique(targets).tolist())
-        groups = self._teacher_groups if teacher_outputs else []
+        groups = self._batch_groups if teacher_outputs else []
         return sigmoid_distillation_loss(logits, targets, seen, [o.logits for o in teacher_outputs], groups)
 
     def compute_losses(
@@ -313,17 +376,21 @@ class M2KDPlugin(SupervisedPlugin):
         if current_classes is not None:
             self.current_classes = sorted(int(c) for c in current_classes)
         self.prepare_model(model, x[:1])
-        teacher_set = self._teacher_set
-        if teacher_set is None:
-            teacher_set = self._build_teachers(x.device)
-        taps = self._student_taps(model)
-        if taps is None:
-            logits, features = model(x), []
-        else:
-            with taps:
-                logits = model(x)
-                features = taps.features()
-        outputs = teacher_set.run_all(x) if teacher_set is not None else []
+        training = self._teacher_set is not None
+        if not training:
+            self._teacher_set = self._build_teachers(x.device)
+        try:
+            taps = self._student_taps(model)
+            if taps is None:
+                logits, features = model(x), []
+            else:
+                with taps:
+                    logits = model(x)
+                    features = taps.features()
+            outputs = self._run_teachers(x)
+        finally:
+            if not training:
+                self._teacher_set = None
         terms = self.loss_terms(model, logits, y, features, outputs)
         total = self.weighted_sum(terms)
         if self.loss == "bce":
@@ -360,8 +427,20 @@ class M2KDPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         self.snapshots.bind(strategy.model)
-        self._teacher_set = self._build_teachers(strategy.device)
+        self._cache_this_experience = len(self.snapshots) > 0 and decide_cache(
+            "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
+        )
+        self._teacher_set = self._build_teachers(strategy.device, cache=self._cache_this_experience)
         self._width_checked = False
+
+    def before_training_epoch(self, strategy, **kwargs):
+        if self._teacher_set is not None:
+            reset_counts(self._teacher_set.cache)
+
+    def after_training_epoch(self, strategy, **kwargs):
+        ts = self._teacher_set
+        if ts is not None and not check_hit_rate("M2KDPlugin", self.teacher_cache, ts.cache, strategy.clock.train_exp_epochs):
+            ts.cache = None
 
     def before_forward(self, strategy, **kwargs):
         taps = self._student_taps(strategy.model)
@@ -374,7 +453,7 @@ class M2KDPlugin(SupervisedPlugin):
             self._features = self._taps.features()
         if not self._width_checked:
             self._check_width(strategy)
-        self._outputs = self._teacher_set.run_all(strategy.mb_x) if self._teacher_set is not None else []
+        self._outputs = self._run_teachers(strategy.mb_x)
 
     def before_backward(self, strategy, **kwargs):
         outputs = self._outputs or []
@@ -444,7 +523,7 @@ class M2KDPlugin(SupervisedPlugin):
                         with taps:
                             logits = model(x)
                             features = taps.features()
-                    outputs = self._teacher_set.run_all(x) if self._teacher_set is not None else []
+                    outputs = self._run_teachers(x)
                     if self.loss == "bce":
                         loss = self.classification_loss(logits, y, outputs)
                     else:
