@@ -76,7 +76,7 @@ class M2KD(SupervisedTemplate):
         feature_distance: Literal["mse", "attention"] = "mse",
         snapshot_store: Literal["full", "packnet", "sparse"] = "full",
         prune_ratio: float = 0.75,
-        post_prune_epochs: int = 1,
+        post_prune_epochs: int = 2,
         loss: Literal["kl", "bce"] = "kl",
         head_layers: Optional[Sequence[str]] = None,
         teacher_cache: Literal["auto", "exact", "off"] = "auto",
