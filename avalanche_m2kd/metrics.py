@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from avalanche.distributed import DistributedHelper
 from avalanche.evaluation import PluginMetric
 from avalanche.evaluation.metric_results import MetricValue
 
@@ -117,7 +118,9 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
     ``IncrementalAccuracy/old``, ``IncrementalAccuracy/new``,
     ``IncrementalForgetting`` and ``IncrementalBWT``. The matrix itself is
     ``metric.matrix()`` (and ``metric.sizes()``, the test-set sizes).
-    Evaluations before the first training experience are ignored.
+    Evaluations before the first training experience are ignored. Under
+    ``torch.distributed`` the counts are summed over ranks (each rank having
+    evaluated a shard, see :class:`~avalanche_m2kd.distributed.DataParallelSync`).
     """
 
     def __init__(self):
@@ -169,7 +172,12 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
     def after_eval_exp(self, strategy) -> None:
         if self._row >= 0:
             j = int(strategy.experience.current_experience)
-            self._sizes[j] = self._counts[(self._row, j)][1]
+            counts = self._counts[(self._row, j)]
+            if DistributedHelper.is_distributed:  # each rank evaluated a shard: sum them
+                total = torch.tensor(counts, dtype=torch.float64)
+                torch.distributed.all_reduce(total)
+                counts[0], counts[1] = int(total[0]), int(total[1])
+            self._sizes[j] = counts[1]
 
     def after_eval(self, strategy) -> List[MetricValue]:
         summary = self.result()

@@ -4,15 +4,19 @@ stream, with the same model, epochs, optimizer, memory and seeds.
     python -m benchmarks.compare                       # the embedded default (digits preset)
     python -m benchmarks.compare --preset fmnist-quick --seeds 0,1,2
     python -m benchmarks.compare --list                # presets and strategies
+    torchrun --nproc_per_node=2 -m benchmarks.compare  # data-parallel over 2 processes
 
 Outputs in ``--out``: results.json, results.csv, summary.md and plots
-(accuracy_curve.png, accuracy_matrices.png, old_new.png).
+(accuracy_curve.png, accuracy_matrices.png, old_new.png). With
+``--checkpoint DIR`` every run is checkpointed after each experience and
+``--resume`` continues an interrupted invocation exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -73,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate of every strategy (overrides the preset's lr and lr_sigmoid)")
     p.add_argument("--train-per-class", type=int, help="at most this many training images per class")
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class")
+    p.add_argument("--m2kd-store", choices=["full", "packnet", "sparse"], help="snapshot store of the m2kd strategies")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--checkpoint", help="folder for per-run checkpoints, written after every experience")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint)")
+    p.add_argument("--stop-after", type=int, help="stop after training this many experiences (checkpoint kept; see --resume)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -101,11 +109,13 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "train_per_class": args.train_per_class,
         "test_per_class": args.test_per_class,
+        "m2kd_store": args.m2kd_store,
     }
     if args.dataset and args.dataset != config["dataset"] and not args.model:
         config["model"] = None  # chosen from the images' size once loaded
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.setdefault("data_root", None)
+    config.setdefault("m2kd_store", None)
     config["download"] = bool(args.download)
     if args.lr is not None:
         config["lr"] = args.lr
@@ -124,6 +134,10 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config["mem_size"] < 0:
         raise UsageError(f"--mem-size must be >= 0, got {config['mem_size']}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.resume and not args.checkpoint and not (Path(args.out) / "results.json").is_file():
+        raise UsageError(f"--resume: {args.out}/results.json does not exist and no --checkpoint was given")
     config["device"] = resolve_device(args.device)
     return config
 
@@ -179,38 +193,99 @@ def prepare_data(config: dict):
     return data, benchmark, order, buffer_t
 
 
-def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transform, progress) -> dict:
-    """Train ``name`` on the stream with ``seed``; evaluate after every experience."""
+class Stopped(Exception):
+    """``--stop-after`` reached: the run's checkpoint holds its state."""
+
+
+def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transform, progress, ckpt=None) -> dict:
+    """Train ``name`` on the stream with ``seed``; evaluate after every experience.
+
+    ``ckpt`` (a :class:`RunCheckpoint`) saves the strategy after every
+    experience and, when resuming, restores it first.
+    """
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
-    from benchmarks.strategies import Setup, build_strategy, learning_rate, snapshot_bytes
+    from benchmarks.strategies import Setup, build_strategy, learning_rate, snapshot_bytes, snapshot_state
 
+    from avalanche_m2kd.checkpoint import maybe_load_checkpoint, save_checkpoint
+    from avalanche_m2kd.distributed import DataParallelSync, is_distributed, state_hash
     from avalanche_m2kd.metrics import IncrementalMetrics, summarize
 
     RNGManager.set_random_seeds(seed)
-    metric = IncrementalMetrics()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        evaluator = EvaluationPlugin(metric, loggers=[])
-    setup = Setup(config, data.n_classes, data.input_shape, config["device"], evaluator, buffer_transform)
+        evaluator = EvaluationPlugin(IncrementalMetrics(), loggers=[])
+    first = (DataParallelSync(),) if is_distributed() else ()
+    setup = Setup(config, data.n_classes, data.input_shape, config["device"], evaluator, buffer_transform, first)
     strategy = build_strategy(name, setup)
-    start = time.perf_counter()
-    for experience in benchmark.train_stream:
-        strategy.train(experience, num_workers=0)
+    start, elapsed = 0, 0.0
+    if ckpt is not None and ckpt.resume:
+        strategy, start = maybe_load_checkpoint(strategy, ckpt.path, map_location=config["device"])
+        elapsed = ckpt.elapsed()
+        progress.update(start)
+    metric = next(m for m in strategy.evaluator.metrics if isinstance(m, IncrementalMetrics))
+    experiences = list(benchmark.train_stream)
+    for index in range(start, len(experiences)):
+        began = time.perf_counter()
+        strategy.train(experiences[index], num_workers=0)
         strategy.eval(benchmark.test_stream, num_workers=0)
+        elapsed += time.perf_counter() - began
         progress.update(1)
-    wall = time.perf_counter() - start
+        if ckpt is not None:
+            ckpt.save(strategy, elapsed, save_checkpoint)
+            if ckpt.should_stop():
+                raise Stopped()
     matrix, sizes = metric.matrix(), metric.sizes()
-    return {
+    run = {
         "strategy": name,
         "seed": seed,
         "lr": learning_rate(name, config),
         "accuracy_matrix": matrix.tolist(),
         "test_sizes": sizes,
         "metrics": summarize(matrix, sizes),
-        "wall_time_s": wall,
+        "wall_time_s": elapsed,
         "snapshot_bytes": snapshot_bytes(strategy),
     }
+    if is_distributed():
+        from avalanche.distributed import DistributedHelper
+
+        state = snapshot_state(strategy)
+        run["world_size"] = DistributedHelper.world_size
+        # every rank must hold the same model and the same snapshots
+        run["rank_model_hashes"] = DistributedHelper.gather_all_objects(state_hash(strategy.model.state_dict()))
+        if state is not None:
+            run["rank_snapshot_hashes"] = DistributedHelper.gather_all_objects(state_hash(state))
+    return run
+
+
+class RunCheckpoint:
+    """One run's checkpoint file and its side file (time spent so far); only
+    the main process writes. ``--stop-after`` counts experiences trained by
+    this invocation."""
+
+    def __init__(self, folder: Path, name: str, seed: int, resume: bool, stop_after: Optional[int], counter: list):
+        self.path = folder / f"{name}-seed{seed}.ckpt"
+        self.side = folder / f"{name}-seed{seed}.json"
+        self.resume = resume and self.path.is_file()
+        self.stop_after = stop_after
+        self.counter = counter  # experiences trained by this invocation, shared by all runs
+
+    def elapsed(self) -> float:
+        return json.loads(self.side.read_text())["elapsed_s"] if self.side.is_file() else 0.0
+
+    def save(self, strategy, elapsed: float, save_checkpoint) -> None:
+        from avalanche.distributed import DistributedHelper
+
+        from benchmarks.report import write_atomic
+
+        if DistributedHelper.is_main_process:
+            save_checkpoint(strategy, self.path)
+            write_atomic(self.side, json.dumps({"elapsed_s": elapsed}))
+        DistributedHelper.barrier()
+        self.counter[0] += 1
+
+    def should_stop(self) -> bool:
+        return self.stop_after is not None and self.counter[0] >= self.stop_after
 
 
 def environment(config: dict) -> dict:
@@ -263,20 +338,54 @@ def print_list() -> int:
     return 0
 
 
+CHECKPOINT_INDEPENDENT = ("seeds", "strategies", "device", "data_root", "download")
+"""Configuration keys that may differ between a checkpoint and its resumption."""
+
+
+def check_same_config(saved: dict, config: dict, where: str) -> None:
+    keys = sorted((set(saved) | set(config)) - set(CHECKPOINT_INDEPENDENT))
+    diff = [k for k in keys if saved.get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        raise UsageError(
+            f"{where} was written with another configuration ({k}: {saved.get(k)!r} there, {config.get(k)!r} now); "
+            "use the same options or another folder"
+        )
+
+
+def init_distributed(config: dict) -> bool:
+    """Join the ``torchrun`` process group (gloo on CPU, nccl on GPUs)."""
+    if "LOCAL_RANK" not in os.environ:
+        return False
+    from avalanche.distributed import DistributedHelper
+
+    use_cuda = config["device"].startswith("cuda")
+    DistributedHelper.init_distributed(random_seed=config["seeds"][0], use_cuda=use_cuda)
+    if use_cuda:
+        config["device"] = str(DistributedHelper.make_device())
+    world = DistributedHelper.world_size
+    if config["batch_size"] % world:
+        raise UsageError(f"--batch-size {config['batch_size']} is not divisible by the {world} processes")
+    config["world_size"] = world
+    config["batch_size_per_process"] = config["batch_size"] // world
+    return True
+
+
 def run(args: argparse.Namespace, argv: List[str]) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     config = resolve_config(args)
+    distributed = init_distributed(config)
+    from avalanche.distributed import DistributedHelper
     from tqdm import tqdm
 
     from benchmarks import report
 
+    main_process = DistributedHelper.is_main_process
+    quiet = args.quiet or not main_process
     data, benchmark, order, buffer_t = prepare_data(config)
+    if distributed:  # each process trains on its share of the batch
+        config = dict(config, batch_size=config["batch_size_per_process"])
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    description = config.get("description", "")
-    print(f"preset {config['preset']}: {description}")
-    shown = {k: v for k, v in config.items() if k != "description"}
-    print("config: " + json.dumps(shown))
     document = {
         "format": "avalanche_m2kd.compare/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,6 +395,25 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         "environment": environment(config),
         "runs": [],
     }
+    previous = out / "results.json"
+    if args.resume and previous.is_file():
+        saved = json.loads(previous.read_text())
+        check_same_config(saved["config"], config, str(previous))
+        document["runs"] = saved["runs"]
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    if folder is not None:
+        stamp = folder / "config.json"
+        if stamp.is_file():
+            check_same_config(json.loads(stamp.read_text()), config, f"checkpoint folder {folder}")
+            if not args.resume:
+                raise UsageError(f"checkpoint folder {folder} already holds a run; pass --resume to continue it or use another folder")
+        elif main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            report.write_atomic(stamp, json.dumps(config, indent=1))
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"preset {config['preset']}: {config.get('description', '')}")
+        print("config: " + json.dumps({k: v for k, v in config.items() if k != "description"}))
     title = f"{config['dataset']}, {config['n_experiences']} experiences, preset {config['preset']}"
     notes = [
         f"model {config['model']}, {config['epochs']} epochs, batch {config['batch_size']}, "
@@ -294,33 +422,49 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         f"seeds {', '.join(map(str, config['seeds']))}",
         f"command: `{' '.join(document['command'])}`",
     ]
-    total = len(config["seeds"]) * len(config["strategies"]) * config["n_experiences"]
-    progress = tqdm(total=total, disable=args.quiet, unit="exp", dynamic_ncols=True)
+
+    def write(plots: bool) -> None:
+        if main_process:
+            report.write_all(out, document, title, notes, plots=plots and not args.no_plots)
+
+    done = {(r["strategy"], r["seed"]) for r in document["runs"]}
+    todo = [(seed, name) for seed in config["seeds"] for name in config["strategies"] if (name, seed) not in done]
+    progress = tqdm(total=len(todo) * config["n_experiences"], disable=quiet, unit="exp", dynamic_ncols=True)
+    trained = [0]
     try:
-        for seed in config["seeds"]:
-            for name in config["strategies"]:
-                progress.set_description(f"{name} seed {seed}")
-                try:
-                    document["runs"].append(run_one(name, seed, config, data, benchmark, buffer_t, progress))
-                except (KeyboardInterrupt, UsageError):
+        for seed, name in todo:
+            progress.set_description(f"{name} seed {seed}")
+            ckpt = RunCheckpoint(folder, name, seed, args.resume, args.stop_after, trained) if folder else None
+            if ckpt is None and args.stop_after is not None:
+                raise UsageError("--stop-after needs --checkpoint (otherwise the stopped run is lost)")
+            try:
+                document["runs"].append(run_one(name, seed, config, data, benchmark, buffer_t, progress, ckpt))
+            except (KeyboardInterrupt, UsageError, Stopped):
+                raise
+            except Exception as err:
+                if args.debug:
                     raise
-                except Exception as err:
-                    if args.debug:
-                        raise
-                    report.write_all(out, document, title, notes, plots=not args.no_plots)
-                    print(f"{PROG}: error: {name} seed {seed} failed: {type(err).__name__}: {err} "
-                          f"({len(document['runs'])} finished runs kept in {out})", file=sys.stderr)
-                    return 1
-                report.write_all(out, document, title, notes, plots=False)
+                write(plots=True)
+                print(f"{PROG}: error: {name} seed {seed} failed: {type(err).__name__}: {err} "
+                      f"({len(document['runs'])} finished runs kept in {out})", file=sys.stderr)
+                return 1
+            write(plots=False)
+    except Stopped:
+        progress.close()
+        write(plots=True)
+        if main_process:
+            print(f"stopped after {trained[0]} experiences as asked; continue with the same command plus --resume")
+        return 0
     except KeyboardInterrupt:
         progress.close()
-        report.write_all(out, document, title, notes, plots=not args.no_plots)
+        write(plots=True)
         print(f"{PROG}: interrupted; {len(document['runs'])} finished runs written to {out}", file=sys.stderr)
         return 130
     progress.close()
-    report.write_all(out, document, title, notes, plots=not args.no_plots)
-    print((out / "summary.md").read_text())
-    print(f"results in {out}/ (results.json, results.csv, summary.md" + ("" if args.no_plots else ", *.png") + ")")
+    write(plots=True)
+    if main_process:
+        print((out / "summary.md").read_text())
+        print(f"results in {out}/ (results.json, results.csv, summary.md" + ("" if args.no_plots else ", *.png") + ")")
     return 0
 
 

@@ -26,6 +26,7 @@ class Setup:
     device: str
     evaluator: EvaluationPlugin
     buffer_transform: Optional[Callable] = None  # augmentation for iCaRL's stored (eval-transformed) exemplars
+    first_plugins: tuple = ()  # run before every other plugin (multi-process synchronisation)
 
 
 SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last"}
@@ -47,8 +48,9 @@ def make_optimizer(params, name: str, config: dict) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config['optimizer']!r}; use 'sgd' or 'adam'")
 
 
-def _plugins(optimizer, config: dict, replay: bool) -> List:
-    plugins: List = []
+def _plugins(optimizer, setup: "Setup", replay: bool) -> List:
+    config = setup.config
+    plugins: List = list(setup.first_plugins)
     if config["milestones"]:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config["milestones"], gamma=config["gamma"])
         plugins.append(LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True))
@@ -75,7 +77,7 @@ def _model(setup: Setup) -> nn.Module:
 def build_naive(name: str, setup: Setup):
     model = _model(setup)
     optimizer = make_optimizer(model.parameters(), name, setup.config)
-    return Naive(model=model, optimizer=optimizer, plugins=_plugins(optimizer, setup.config, True), **_common(setup))
+    return Naive(model=model, optimizer=optimizer, plugins=_plugins(optimizer, setup, True), **_common(setup))
 
 
 def build_joint(name: str, setup: Setup):
@@ -85,7 +87,7 @@ def build_joint(name: str, setup: Setup):
         model=model,
         optimizer=optimizer,
         criterion=nn.CrossEntropyLoss(),
-        plugins=_plugins(optimizer, setup.config, False),
+        plugins=_plugins(optimizer, setup, False),
         **_common(setup),
     )
 
@@ -99,7 +101,7 @@ def build_lwf(name: str, setup: Setup):
         criterion=nn.CrossEntropyLoss(),
         alpha=1.0,
         temperature=2.0,
-        plugins=_plugins(optimizer, setup.config, True),
+        plugins=_plugins(optimizer, setup, True),
         **_common(setup),
     )
 
@@ -119,7 +121,7 @@ def build_icarl(name: str, setup: Setup):
         memory_size=setup.config["mem_size"],
         buffer_transform=setup.buffer_transform,
         fixed_memory=True,
-        plugins=_plugins(optimizer, setup.config, False),
+        plugins=_plugins(optimizer, setup, False),
         **_common(setup),
     )
 
@@ -129,6 +131,8 @@ def _m2kd(**overrides):
         model = _model(setup)
         optimizer = make_optimizer(model.parameters(), name, setup.config)
         kwargs = dict(aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]))
+        if setup.config.get("m2kd_store"):
+            kwargs["snapshot_store"] = setup.config["m2kd_store"]
         kwargs.update(setup.config.get("m2kd") or {})
         kwargs.update(overrides)
         if kwargs.get("classifier") == "nme" and setup.config["mem_size"] <= 0:
@@ -137,7 +141,7 @@ def _m2kd(**overrides):
             model=model,
             optimizer=optimizer,
             mem_size=setup.config["mem_size"],
-            plugins=_plugins(optimizer, setup.config, False),
+            plugins=_plugins(optimizer, setup, False),
             **kwargs,
             **_common(setup),
         )
@@ -160,7 +164,7 @@ def build_ed(name: str, setup: Setup):
         optimizer=optimizer,
         teacher_factory=lambda n: models.create(c["model"], num_classes=n, in_channels=channels),
         teacher_optimizer=lambda params: make_optimizer(params, name, c),
-        plugins=_plugins(optimizer, c, False),
+        plugins=_plugins(optimizer, setup, False),
         **kwargs,
         **_common(setup),
     )
@@ -201,6 +205,12 @@ def build_strategy(name: str, setup: Setup):
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     return STRATEGIES[name](name, setup)
+
+
+def snapshot_state(strategy):
+    """The snapshot store's state of an M2KD strategy (None for others)."""
+    plugin = getattr(strategy, "m2kd", None)
+    return None if plugin is None else plugin.snapshots.state_dict()
 
 
 def snapshot_bytes(strategy) -> Optional[Dict[str, int]]:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
 from .._experience import check_class_incremental, check_new_classes, experience_index
+from ..distributed import broadcast_module
 from ..losses import education_distillation_loss
 from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
 
@@ -51,7 +52,7 @@ class StageSequentialLoader:
         return sum(math.ceil(len(d) / self.batch_size) for d in self.datasets)
 
 
-class EducationDistillationPlugin(SupervisedPlugin):
+class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
     """Education Distillation: one specialist teacher per stage, each sample
     distilled from the teacher of its own stage, while the student grows
     (with :class:`~avalanche_m2kd.EDStudent`).
@@ -318,6 +319,7 @@ class EducationDistillationPlugin(SupervisedPlugin):
                 optimizer.zero_grad()
                 F.cross_entropy(teacher(x), lookup[y]).backward()
                 optimizer.step()
+        broadcast_module(teacher)  # every rank distils from the same teacher (no-op in a single process)
         return GroupTeacher(teacher, classes, columns=range(len(classes)))
 
     def _student_epochs(self, strategy) -> int:

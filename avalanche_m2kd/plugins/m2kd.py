@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
 from .._experience import check_class_incremental, check_new_classes, experience_index
+from ..distributed import sync_gradients
 from ..losses import (
     cross_entropy_over,
     distill_group_features,
@@ -28,7 +29,7 @@ AuxMode = Literal["logits", "features"]
 LossForm = Literal["kl", "bce"]
 
 
-class M2KDPlugin(SupervisedPlugin):
+class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
     """Multi-model and multi-level knowledge distillation (M2KD).
 
     At experience ``t`` the model ``f`` is distilled from the snapshots
@@ -531,6 +532,7 @@ class M2KDPlugin(SupervisedPlugin):
                         loss = strategy._criterion(logits, y)
                     loss = loss + self.weighted_sum(self.loss_terms(model, logits, y, features, outputs))
                     loss.backward()
+                    sync_gradients(model)  # no-op in a single process
                     store.before_update(model)
                     optimizer.step()
                     store.after_update(model)

@@ -32,7 +32,7 @@ def exemplar_class_means(model, groups: Dict[int, object], feature_layer: str, d
     return means
 
 
-class NMEClassifierPlugin(SupervisedPlugin):
+class NMEClassifierPlugin(SupervisedPlugin, supports_distributed=True):
     """Classifies by the nearest mean of exemplars (iCaRL) at evaluation.
 
     After each training experience (and after the memory was updated: place
