@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Iterable, List
 
+import torch
 from avalanche.models import MultiTaskModule
-from torch import nn
+from torch import Tensor, nn
 
 
 def experience_classes(experience) -> List[int]:
@@ -51,3 +52,33 @@ def check_new_classes(owner: str, experience, seen: Iterable[int]) -> List[int]:
             "(train each experience once, in stream order)."
         )
     return classes
+
+
+def check_batch(owner: str, experience, x: Tensor, y: Tensor, width: int) -> None:
+    """Finite inputs; integer labels inside the model's ``width`` outputs."""
+    where = f"training experience {experience_index(experience)}"
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{owner}: the inputs of {where} contain NaN or infinite values; clean the data set")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"{owner}: labels of {where} are {y.dtype}; class labels must be integers (torch.long)")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= width):
+        raise ValueError(
+            f"{owner}: label {int(y.max()) if int(y.max()) >= width else int(y.min())} of {where} is outside the "
+            f"model's {width} outputs (0..{width - 1})"
+        )
+
+
+def check_model_accepts(owner: str, model: nn.Module, example: Tensor, experience) -> None:
+    """One forward pass of one example (eval mode, mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example.unsqueeze(0) if example.dim() in (1, 3) else example[:1])
+    except RuntimeError as err:
+        raise ValueError(
+            f"{owner}: the model cannot process the inputs of training experience {experience_index(experience)} "
+            f"(shape {tuple(example.shape)}): {str(err).splitlines()[0]}"
+        ) from None
+    finally:
+        model.train(was_training)

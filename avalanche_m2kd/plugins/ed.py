@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
-from .._experience import check_class_incremental, check_new_classes, experience_index
+from .._experience import check_batch, check_class_incremental, check_new_classes, experience_index
 from ..distributed import broadcast_module
 from ..losses import education_distillation_loss
 from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
@@ -234,6 +234,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             ts.cache = None
 
     def after_forward(self, strategy, **kwargs):
+        check_batch("EducationDistillationPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
         if self._teacher_set is not None:
             self._routed = self._teacher_set.run_routed(strategy.mb_x, strategy.mb_y)
 

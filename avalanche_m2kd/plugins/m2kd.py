@@ -11,8 +11,14 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
 from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
-from .._experience import check_class_incremental, check_new_classes, experience_index
-from ..distributed import sync_gradients
+from .._experience import (
+    check_batch,
+    check_class_incremental,
+    check_model_accepts,
+    check_new_classes,
+    experience_index,
+)
+from ..distributed import average_batchnorm_statistics, sync_gradients
 from ..losses import (
     cross_entropy_over,
     distill_group_features,
@@ -424,8 +430,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         experience = strategy.experience
         check_class_incremental("M2KDPlugin", strategy.model, experience)
         self.current_classes = check_new_classes("M2KDPlugin", experience, self._seen_before())
-        example = experience.dataset.eval()[0][0]
-        self.prepare_model(strategy.model, torch.as_tensor(example))
+        example = torch.as_tensor(experience.dataset.eval()[0][0])
+        if not self.groups:  # once: the model accepts the stream's inputs
+            check_model_accepts("M2KDPlugin", strategy.model, example.to(next(strategy.model.parameters()).device), experience)
+        self.prepare_model(strategy.model, example)
 
     def before_training_exp(self, strategy, **kwargs):
         self.snapshots.bind(strategy.model)
@@ -445,6 +453,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             ts.cache = None
 
     def before_forward(self, strategy, **kwargs):
+        check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, 2**62)
         taps = self._student_taps(strategy.model)
         if taps is not None:
             taps.attach()
@@ -494,6 +503,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                 f"give the model a head with at least {needed} outputs, or use "
                 "avalanche.models.IncrementalClassifier, which grows with the classes."
             )
+        check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, width)
         self._width_checked = True
 
     def _check_finite(self, terms: Dict[str, Tensor], strategy) -> None:
@@ -538,6 +548,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                     store.after_update(model)
         finally:
             store.end_finetune()
+        average_batchnorm_statistics(model)  # ranks fine-tuned on different shards (no-op in one process)
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,0 +1,224 @@
+"""Issue 7: exact resume, atomic checkpoints, multi-process training, clear
+errors on bad input, long streams."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from avalanche.training.templates import SupervisedTemplate
+
+from avalanche_m2kd import EducationDistillation, M2KDPlugin, checkpoint, datasets, models
+from avalanche_m2kd.models import digits_cnn, ed_small
+
+from helpers import quiet_evaluator, seed_everything, synthetic_arrays
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "1", "--n-experiences", "4", "--train-per-class", "20", "--test-per-class", "8",
+        "--seeds", "0", "--quiet", "--no-plots"]
+
+
+def compare(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "benchmarks.compare", *TINY, *args], cwd=ROOT, capture_output=True,
+                            text=True, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.parametrize("strategy, extra", [("m2kd", ["--m2kd-store", "packnet"]), ("ed", [])])
+def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, strategy, extra):
+    compare("--strategies", strategy, *extra, "--out", str(tmp_path / "straight"))
+    args = ["--strategies", strategy, *extra, "--out", str(tmp_path / "split"), "--checkpoint", str(tmp_path / "ckpt")]
+    first = compare(*args, "--stop-after", "2")  # a separate process that exits after experience 2 of 4
+    assert "stopped after 2 experiences" in first.stdout
+    assert (tmp_path / "ckpt" / f"{strategy}-seed0.ckpt").is_file()
+    assert not (tmp_path / "split" / "results.json").is_file() or not json.loads((tmp_path / "split" / "results.json").read_text())["runs"]
+    compare(*args, "--resume")
+    straight = json.loads((tmp_path / "straight" / "results.json").read_text())["runs"][0]
+    resumed = json.loads((tmp_path / "split" / "results.json").read_text())["runs"][0]
+    assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
+    assert resumed["metrics"] == straight["metrics"]
+
+
+def test_checkpoint_from_another_configuration_is_refused(tmp_path):
+    args = ["--strategies", "naive", "--out", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "ckpt")]
+    compare(*args, "--stop-after", "1")
+    result = compare(*args, "--resume", "--mem-size", "50", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another configuration (mem_size: 200 there, 50 now)" in lines[0]
+    again = compare(*args, check=False)  # without --resume: would silently start over
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    model = digits_cnn()
+    strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), evaluator=quiet_evaluator())
+    path = tmp_path / "run.ckpt"
+    checkpoint.save_checkpoint(strategy, path)
+    good = path.read_bytes()
+
+    def crash(strategy, fname):
+        Path(fname).write_bytes(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "_avalanche_save", crash)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(strategy, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]  # no temporary file left behind
+    monkeypatch.undo()
+    restored, next_exp = checkpoint.maybe_load_checkpoint(strategy, path)
+    assert next_exp == 0
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        checkpoint.maybe_load_checkpoint(strategy, path)
+
+
+def test_a_failing_run_keeps_what_was_written(tmp_path):
+    out = tmp_path / "out"
+    result = compare("--strategies", "naive,icarl", "--mem-size", "0", "--out", str(out), check=False)
+    assert result.returncode == 1
+    assert "icarl seed 0 failed" in result.stderr and "1 finished runs kept" in result.stderr
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["strategy"] for r in runs] == ["naive"]
+
+
+def test_two_processes_with_torchrun_hold_identical_models_and_snapshots(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "dist"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [str(torchrun), "--nproc_per_node=2", "-m", "benchmarks.compare", *TINY, "--strategies", "m2kd,ed",
+         "--m2kd-store", "packnet", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("| Strategy |") == 1  # only rank 0 prints and writes
+    document = json.loads((out / "results.json").read_text())
+    assert document["config"]["world_size"] == 2 and document["config"]["batch_size"] == 16
+    single = json.loads(json.dumps(document))  # metrics cover the whole test set once
+    for run in document["runs"]:
+        assert run["world_size"] == 2
+        assert run["test_sizes"] == [16, 16, 16, 32]  # 2, 2, 2, 4 classes x 8 test images
+        assert len(set(run["rank_model_hashes"])) == 1
+    m2kd = next(r for r in document["runs"] if r["strategy"] == "m2kd")
+    assert len(m2kd["rank_snapshot_hashes"]) == 2 and len(set(m2kd["rank_snapshot_hashes"])) == 1
+    assert single == document
+
+
+# -- bad input: each answered by an error that names the problem --------------------------------
+def tiny_stream(x_fix=None, y_fix=None, n_experiences=2):
+    data = synthetic_arrays(n_classes=4, per_class=8)
+    if x_fix:
+        x_fix(data)
+    train = torch.utils.data.TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(y_fix(data.y_train) if y_fix else data.y_train))
+    test = torch.utils.data.TensorDataset(torch.from_numpy(data.x_test), torch.from_numpy(data.y_test))
+    from avalanche.benchmarks import nc_benchmark
+
+    return nc_benchmark(train, test, n_experiences=n_experiences, task_labels=False, shuffle=False)
+
+
+def m2kd_strategy(model=None):
+    model = model or digits_cnn()
+    plugin = M2KDPlugin(aux_layers=("stage1",))
+    return SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
+                              plugins=[plugin], evaluator=quiet_evaluator()), plugin
+
+
+def nan_images(data):
+    data.x_train[3, 0, 0, 0] = np.nan
+
+
+def test_non_finite_inputs():
+    strategy, _ = m2kd_strategy()
+    with pytest.raises(ValueError, match="inputs of training experience 0 contain NaN"):
+        strategy.train(tiny_stream(nan_images).train_stream[0])
+
+
+def test_non_finite_distillation_term_names_the_term_and_experience():
+    strategy, plugin = m2kd_strategy()
+    bm = tiny_stream()
+    strategy.train(bm.train_stream[0])
+    snapshot = plugin.snapshots._snapshots[0]
+    snapshot["head.classifier.bias"] = torch.full_like(snapshot["head.classifier.bias"], float("nan"))
+    with pytest.raises(FloatingPointError, match="the mm loss term is nan at training experience 1"):
+        strategy.train(bm.train_stream[1])
+
+
+def test_labels_of_the_wrong_type_or_out_of_range():
+    class Relabel(torch.utils.data.Dataset):
+        def __init__(self, base, label):
+            self.base, self.label = base, label
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            x, y, t = self.base[i]
+            return x, self.label(y), t
+
+    bm = tiny_stream()
+    plugin = M2KDPlugin()
+    fake = SimpleNamespace(experience=bm.train_stream[0], mb_x=torch.zeros(2, 1, 8, 8))
+    from avalanche_m2kd._experience import check_batch
+
+    with pytest.raises(ValueError, match="must be integers"):
+        check_batch("M2KDPlugin", fake.experience, fake.mb_x, torch.tensor([0.0, 1.0]), 4)
+    with pytest.raises(ValueError, match=r"label 7 of training experience 0 is outside the model's 4 outputs"):
+        check_batch("M2KDPlugin", fake.experience, fake.mb_x, torch.tensor([1, 7]), 4)
+    with pytest.raises(ValueError, match="label -1"):
+        check_batch("M2KDPlugin", fake.experience, fake.mb_x, torch.tensor([-1, 0]), 4)
+
+
+def test_images_that_do_not_fit_the_model():
+    strategy, _ = m2kd_strategy(models.mnist_cnn())  # 28x28 model, 8x8 images
+    with pytest.raises(ValueError, match=r"cannot process the inputs of training experience 0 \(shape \(1, 8, 8\)\)"):
+        strategy.train(tiny_stream().train_stream[0])
+
+
+def test_empty_experience():
+    plugin = M2KDPlugin()
+    empty = SimpleNamespace(classes_in_this_experience=set(), current_experience=3, dataset=[])
+    from avalanche_m2kd._experience import check_new_classes
+
+    with pytest.raises(ValueError, match="training experience 3 has no samples"):
+        check_new_classes("M2KDPlugin", empty, plugin.seen_classes())
+
+
+def test_ed_rejects_bad_batches_too():
+    student = ed_small(1, 8)
+    strategy = EducationDistillation(model=student, optimizer=torch.optim.Adam(student.parameters()),
+                                     teacher_factory=lambda n: digits_cnn(n), teacher_epochs=1, train_mb_size=8,
+                                     evaluator=quiet_evaluator())
+    with pytest.raises(ValueError, match="contain NaN"):
+        strategy.train(tiny_stream(nan_images).train_stream[0])
+
+
+@pytest.mark.parametrize("kind", ["packnet", "sparse"])
+def test_a_twenty_experience_stream_runs_to_the_end(kind):
+    seed_everything(0)
+    data = synthetic_arrays(n_classes=40, per_class=6, shape=(3, 32, 32), test_per_class=2)
+    bm = datasets.make_benchmark(data, 20)
+    model = models.cifar_cnn()
+    plugin = M2KDPlugin(snapshot_store=kind, prune_ratio=0.8, post_prune_epochs=1, teacher_cache="off")
+    strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  train_mb_size=12, plugins=[plugin], evaluator=quiet_evaluator())
+    held = []
+    for exp in bm.train_stream:
+        strategy.train(exp)
+        held.append(plugin.snapshots.nbytes())
+    assert len(plugin.snapshots) == 20
+    assert all(b > a for a, b in zip(held, held[1:]))
+    assert plugin.snapshots.nbytes() < plugin.snapshots.full_copy_nbytes() / (10 if kind == "packnet" else 3)
+    if kind == "packnet":
+        assert plugin.snapshots.free_fraction() == pytest.approx(0.8**20, abs=0.01)
+    x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(2)])
+    assert torch.isfinite(plugin.snapshots.teacher(0)(x)).all()
