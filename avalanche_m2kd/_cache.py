@@ -67,6 +67,13 @@ def check_hit_rate(owner: str, mode: CacheMode, cache, epoch: int) -> bool:
     return False
 
 
-def reset_counts(cache: Optional[object]) -> None:
-    if cache is not None:
-        cache.hits = cache.misses = 0
+def start_epoch(teacher_set) -> None:
+    """Count the cache's hits and misses per epoch."""
+    if teacher_set is not None and teacher_set.cache is not None:
+        teacher_set.cache.hits = teacher_set.cache.misses = 0
+
+
+def end_epoch(owner: str, mode: CacheMode, teacher_set, epoch: int) -> None:
+    """Drop the cache when its inputs did not recur (see :func:`check_hit_rate`)."""
+    if teacher_set is not None and not check_hit_rate(owner, mode, teacher_set.cache, epoch):
+        teacher_set.cache = None

@@ -54,6 +54,22 @@ def check_new_classes(owner: str, experience, seen: Iterable[int]) -> List[int]:
     return classes
 
 
+def check_stream(owner: str, strategy, seen: Iterable[int]) -> List[int]:
+    """At the start of a training experience: class-incremental use, and the
+    experience's (new) classes."""
+    check_class_incremental(owner, strategy.model, strategy.experience)
+    return check_new_classes(owner, strategy.experience, seen)
+
+
+def check_is_criterion(owner: str, plugin, strategy, strategy_name: str) -> None:
+    """A plugin that replaces the classification loss must be the criterion."""
+    if strategy._criterion is not plugin:
+        raise ValueError(
+            f"{owner} replaces the classification loss: pass the same plugin as the strategy's criterion "
+            f"(criterion=plugin), or use {strategy_name}, which does it."
+        )
+
+
 def check_batch(owner: str, experience, x: Tensor, y: Tensor, width: int) -> None:
     """Finite inputs; integer labels inside the model's ``width`` outputs."""
     where = f"training experience {experience_index(experience)}"

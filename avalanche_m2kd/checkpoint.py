@@ -25,7 +25,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from avalanche.checkpointing import maybe_load_checkpoint as _avalanche_load
@@ -40,21 +40,27 @@ def _reattach_torch_optim_submodules() -> None:
                 setattr(torch.optim, short, module)
 
 
-def save_checkpoint(strategy, path: str | os.PathLike) -> None:
-    """Save ``strategy`` (between experiences) to ``path``, atomically."""
-    _reattach_torch_optim_submodules()
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over
+    ``path``: a crash midway leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        _avalanche_save(strategy, tmp)
+        write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_checkpoint(strategy, path: str | os.PathLike) -> None:
+    """Save ``strategy`` (between experiences) to ``path``, atomically."""
+    _reattach_torch_optim_submodules()
+    atomic_write(path, lambda tmp: _avalanche_save(strategy, tmp))
 
 
 def maybe_load_checkpoint(
@@ -72,4 +78,4 @@ def maybe_load_checkpoint(
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start over") from None
 
 
-__all__ = ["maybe_load_checkpoint", "save_checkpoint"]
+__all__ = ["atomic_write", "maybe_load_checkpoint", "save_checkpoint"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+
+from avalanche_m2kd.checkpoint import atomic_write
 
 # (key in a run's metrics, column title, higher is better, shown in percent)
 SUMMARY_COLUMNS = [
@@ -24,19 +24,13 @@ UNRANKED = {"joint"}  # the upper bound is shown but not ranked
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a
-    half-written file in place of the previous one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
+    """Write ``text`` atomically (a crash never leaves a half-written file)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, write)
 
 
 def run_scalars(run: dict) -> Dict[str, float]:
@@ -107,16 +101,17 @@ def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: Lis
 
 def write_csv(path: Path, runs: List[dict]) -> None:
     fields = ["strategy", "seed"] + [c[0] for c in SUMMARY_COLUMNS] + ["wall_time_s", "seen_accuracy", "snapshot_bytes"]
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for run in runs:
-            row = {"strategy": run["strategy"], "seed": run["seed"], **run_scalars(run)}
-            row["seen_accuracy"] = " ".join(f"{v:.4f}" for v in run["metrics"]["seen_accuracy"])
-            row["snapshot_bytes"] = (run.get("snapshot_bytes") or {}).get("held", "")
-            writer.writerow(row)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for run in runs:
+                row = {"strategy": run["strategy"], "seed": run["seed"], **run_scalars(run)}
+                row["seen_accuracy"] = " ".join(f"{v:.4f}" for v in run["metrics"]["seen_accuracy"])
+                row["snapshot_bytes"] = (run.get("snapshot_bytes") or {}).get("held", "")
+                writer.writerow(row)
+
+    atomic_write(path, write)
 
 
 def write_plots(out: Path, runs: List[dict]) -> List[Path]:

@@ -13,8 +13,8 @@ from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsS
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
-from .._experience import check_batch, check_class_incremental, check_new_classes, experience_index
+from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
+from .._experience import check_batch, check_is_criterion, check_stream, experience_index
 from ..distributed import broadcast_module
 from ..losses import education_distillation_loss
 from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
@@ -185,19 +185,13 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- Avalanche hooks --------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
-        if strategy._criterion is not self:
-            raise ValueError(
-                "EducationDistillationPlugin is the classification loss: pass the same plugin as the "
-                "strategy's criterion (criterion=plugin), or use the EducationDistillation strategy."
-            )
+        check_is_criterion("EducationDistillationPlugin", self, strategy, "the EducationDistillation strategy")
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
-        experience = strategy.experience
-        check_class_incremental("EducationDistillationPlugin", strategy.model, experience)
         seen = [c for g in self.stage_classes for c in g]
-        self.current_classes = check_new_classes("EducationDistillationPlugin", experience, seen)
+        self.current_classes = check_stream("EducationDistillationPlugin", strategy, seen)
         if self.teacher_factory is None:
-            self._check_given_teacher(experience)
+            self._check_given_teacher(strategy.experience)
 
     def after_train_dataset_adaptation(self, strategy, **kwargs):
         old = self._old_stage_data()
@@ -224,14 +218,10 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             strategy.dataloader = StageSequentialLoader(self._stage_data, strategy.train_mb_size, shuffle=True)
 
     def before_training_epoch(self, strategy, **kwargs):
-        if self._teacher_set is not None:
-            reset_counts(self._teacher_set.cache)
+        start_epoch(self._teacher_set)
 
     def after_training_epoch(self, strategy, **kwargs):
-        ts = self._teacher_set
-        epoch = strategy.clock.train_exp_epochs
-        if ts is not None and not check_hit_rate("EducationDistillationPlugin", self.teacher_cache, ts.cache, epoch):
-            ts.cache = None
+        end_epoch("EducationDistillationPlugin", self.teacher_cache, self._teacher_set, strategy.clock.train_exp_epochs)
 
     def after_forward(self, strategy, **kwargs):
         check_batch("EducationDistillationPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])

@@ -10,14 +10,8 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
-from .._cache import CacheMode, check_cache_mode, check_hit_rate, decide_cache, reset_counts
-from .._experience import (
-    check_batch,
-    check_class_incremental,
-    check_model_accepts,
-    check_new_classes,
-    experience_index,
-)
+from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
+from .._experience import check_batch, check_is_criterion, check_model_accepts, check_stream, experience_index
 from ..distributed import average_batchnorm_statistics, sync_gradients
 from ..losses import (
     cross_entropy_over,
@@ -271,6 +265,15 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             self._taps_model = model
         return self._taps
 
+    def _student_forward(self, model: nn.Module, x: Tensor) -> tuple[Tensor, List[Tensor]]:
+        """The model's logits and its tapped features (outside the strategy's forward)."""
+        taps = self._student_taps(model)
+        if taps is None:
+            return model(x), []
+        with taps:
+            logits = model(x)
+            return logits, taps.features()
+
     def _build_teachers(self, device: torch.device | str, cache: bool = False) -> Optional[TeacherSet]:
         n = len(self.snapshots)
         if n == 0:
@@ -388,13 +391,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if not training:
             self._teacher_set = self._build_teachers(x.device)
         try:
-            taps = self._student_taps(model)
-            if taps is None:
-                logits, features = model(x), []
-            else:
-                with taps:
-                    logits = model(x)
-                    features = taps.features()
+            logits, features = self._student_forward(model, x)
             outputs = self._run_teachers(x)
         finally:
             if not training:
@@ -420,16 +417,12 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- Avalanche hooks ---------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
-        if self.loss == "bce" and strategy._criterion is not self:
-            raise ValueError(
-                "M2KDPlugin(loss='bce') replaces the classification loss: pass the same plugin as the "
-                "strategy's criterion (criterion=plugin), or use the M2KD strategy, which does it."
-            )
+        if self.loss == "bce":
+            check_is_criterion("M2KDPlugin(loss='bce')", self, strategy, "the M2KD strategy")
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):
         experience = strategy.experience
-        check_class_incremental("M2KDPlugin", strategy.model, experience)
-        self.current_classes = check_new_classes("M2KDPlugin", experience, self._seen_before())
+        self.current_classes = check_stream("M2KDPlugin", strategy, self._seen_before())
         example = torch.as_tensor(experience.dataset.eval()[0][0])
         if not self.groups:  # once: the model accepts the stream's inputs
             check_model_accepts("M2KDPlugin", strategy.model, example.to(next(strategy.model.parameters()).device), experience)
@@ -444,13 +437,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self._width_checked = False
 
     def before_training_epoch(self, strategy, **kwargs):
-        if self._teacher_set is not None:
-            reset_counts(self._teacher_set.cache)
+        start_epoch(self._teacher_set)
 
     def after_training_epoch(self, strategy, **kwargs):
-        ts = self._teacher_set
-        if ts is not None and not check_hit_rate("M2KDPlugin", self.teacher_cache, ts.cache, strategy.clock.train_exp_epochs):
-            ts.cache = None
+        end_epoch("M2KDPlugin", self.teacher_cache, self._teacher_set, strategy.clock.train_exp_epochs)
 
     def before_forward(self, strategy, **kwargs):
         check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, 2**62)
@@ -523,18 +513,12 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         model, optimizer, device = strategy.model, strategy.optimizer, strategy.device
         store.begin_finetune()
         model.train()
-        taps = self._student_taps(model)
         try:
             for _ in range(self.post_prune_epochs):
                 for batch in strategy.dataloader:
                     x, y = batch[0].to(device), batch[1].to(device)
                     optimizer.zero_grad()
-                    if taps is None:
-                        logits, features = model(x), []
-                    else:
-                        with taps:
-                            logits = model(x)
-                            features = taps.features()
+                    logits, features = self._student_forward(model, x)
                     outputs = self._run_teachers(x)
                     if self.loss == "bce":
                         loss = self.classification_loss(logits, y, outputs)
