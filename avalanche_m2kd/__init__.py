@@ -1,7 +1,7 @@
 """avalanche-m2kd: M2KD and Education Distillation for class-incremental
 learning, as Avalanche plugins and strategies."""
 
-from . import datasets, losses, metrics, models
+from . import checkpoint, datasets, distributed, exemplars, losses, metrics, models
 from .models import EDStudent
 from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin
 from .snapshots import (
@@ -30,7 +30,10 @@ __all__ = [
     "SparseSnapshotStore",
     "TeacherOutput",
     "TeacherSet",
+    "checkpoint",
     "datasets",
+    "distributed",
+    "exemplars",
     "losses",
     "make_snapshot_store",
     "metrics",
