@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state
+from torch.func import functional_call
 
 from .snapshots import freeze
 from .taps import AUX_ATTRIBUTE, FeatureTaps

@@ -17,7 +17,6 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 
 def measure(store: str, args) -> list:
@@ -113,12 +112,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     results = {store: measure(store, args) for store in args.stores.split(",")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "growth.json").write_text(json.dumps({"config": vars(args), "results": results}, indent=1))
-    text = markdown(results, args)
-    (out / "growth.md").write_text(text)
-    print(text)
+    from benchmarks.report import write_benchmark
+
+    write_benchmark(args.out, "growth", {"config": vars(args), "results": results}, markdown(results, args))
     return 0
 
 

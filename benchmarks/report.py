@@ -33,6 +33,15 @@ def write_atomic(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def write_benchmark(out: str | Path, stem: str, document: dict, text: str) -> None:
+    """A benchmark's ``stem.json`` (``document``) and ``stem.md`` (``text``) in
+    ``out``, written atomically; the Markdown is printed too."""
+    out = Path(out)
+    write_atomic(out / f"{stem}.json", json.dumps(document, indent=1))
+    write_atomic(out / f"{stem}.md", text)
+    print(text)
+
+
 def run_scalars(run: dict) -> Dict[str, float]:
     m = run["metrics"]
     return {

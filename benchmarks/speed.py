@@ -314,13 +314,10 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
+    from benchmarks.report import write_benchmark
+
     summary = summarize(run_modes(args), args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(summary, indent=1))
-    text = markdown(summary)
-    (out / "speed.md").write_text(text)
-    print(text)
+    write_benchmark(args.out, "speed", summary, markdown(summary))
     return 0
 
 

@@ -18,11 +18,9 @@ and teacher_pass.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List
 
 CIFAR_SHAPED = ("resnet20", "resnet32", "resnet110", "cifar_cnn")  # the models that take the 3x32x32 batch
@@ -152,12 +150,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     rows = [profile(m, args.snapshots, args.batch_size, args.repeats, aux)
             for m in args.models.split(",") for aux in (False, True)]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "teacher_pass.json").write_text(json.dumps({"config": vars(args), "results": rows}, indent=1))
-    text = markdown(rows, args)
-    (out / "teacher_pass.md").write_text(text)
-    print(text)
+    from benchmarks.report import write_benchmark
+
+    write_benchmark(args.out, "teacher_pass", {"config": vars(args), "results": rows}, markdown(rows, args))
     return 0
 
 

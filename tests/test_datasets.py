@@ -10,7 +10,6 @@ from avalanche_m2kd.datasets import DatasetError, class_order, load_dataset, mak
 
 
 def write_npz(path, layout="NHWC", n_classes=4, per_class=5, side=6, channels=3):
-    rng = np.random.default_rng(0)
     y_tr = np.repeat(np.arange(n_classes), per_class)
     y_te = np.repeat(np.arange(n_classes), 2)
     # each image's pixels encode its label, so loading can be checked exactly

@@ -14,7 +14,7 @@ from avalanche_m2kd.datasets import split_digits
 from avalanche_m2kd.losses import education_distillation_loss
 from avalanche_m2kd.models import ed_resnet20, ed_small, ed_wrn16_2, load_student_state
 
-from helpers import quiet_evaluator, seed_everything, stream_acc, synthetic_stream, train_and_eval
+from helpers import quiet_evaluator, seed_everything, stream_acc, train_and_eval
 
 
 @pytest.fixture(scope="module")

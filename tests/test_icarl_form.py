@@ -3,7 +3,6 @@
 import copy
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
@@ -16,9 +15,9 @@ from torch.utils.data import TensorDataset
 
 from avalanche_m2kd import M2KD, M2KDPlugin
 from avalanche_m2kd.datasets import make_benchmark
-from avalanche_m2kd.exemplars import extract_features, icarl_herding_order
+from avalanche_m2kd.exemplars import icarl_herding_order
 from avalanche_m2kd.models import digits_cnn
-from avalanche_m2kd.plugins.nme import UNSEEN_SCORE, exemplar_class_means
+from avalanche_m2kd.plugins.nme import UNSEEN_SCORE
 
 from helpers import quiet_evaluator, synthetic_arrays, synthetic_stream, train_and_eval, stream_acc
 

@@ -9,13 +9,11 @@ from avalanche.benchmarks import nc_benchmark
 from avalanche.core import SupervisedPlugin
 from avalanche.models import MultiHeadClassifier
 from avalanche.models.utils import avalanche_model_adaptation
-from avalanche.training import Naive
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from avalanche_m2kd import M2KD, M2KDPlugin
-from avalanche_m2kd.datasets import split_digits
 from avalanche_m2kd.losses import distill_group_logits
 from avalanche_m2kd.models import digits_cnn
 

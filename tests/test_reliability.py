@@ -166,7 +166,6 @@ def test_labels_of_the_wrong_type_or_out_of_range():
             return x, self.label(y), t
 
     bm = tiny_stream()
-    plugin = M2KDPlugin()
     fake = SimpleNamespace(experience=bm.train_stream[0], mb_x=torch.zeros(2, 1, 8, 8))
     from avalanche_m2kd._experience import check_batch
 

@@ -1,7 +1,5 @@
 """Issue 5's modes: exact teacher caching, batched teachers, sampled teachers."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_m2kd import EducationDistillation, GroupTeacher, M2KDPlugin, TeacherSet, datasets, models
+from avalanche_m2kd import EducationDistillation, M2KDPlugin, datasets
 from avalanche_m2kd._cache import transform_is_deterministic
 from avalanche_m2kd.losses import distill_group_logits, group_weights
 from avalanche_m2kd.models import digits_cnn, ed_small

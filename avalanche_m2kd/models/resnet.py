@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from avalanche.models import IncrementalClassifier
 from torch import Tensor, nn
