@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .snapshots import freeze
+from .snapshots import freeze, load_state_reshaped
 from .taps import AUX_ATTRIBUTE, FeatureTaps
 
 
@@ -200,8 +200,6 @@ class _StackedTeachers:
             raise ValueError("batched teachers need the same architecture (the same state_dict names)")
         states = _pad_to([{k: v.detach() for k, v in m.state_dict().items()} for m in modules])
         template = copy.deepcopy(modules[0])
-        from .snapshots import load_state_reshaped
-
         load_state_reshaped(template, states[0])
         freeze(template)
         self.forward = _Forward(template, feature_layers, aux_logits)
@@ -253,12 +251,12 @@ class TeacherSet:
         aux_logits: bool = False,
         batched: bool = False,
         cache: bool = False,
-        return_features: Optional[bool] = None,
     ):
         self.teachers = list(teachers)
         self.feature_layers = list(feature_layers)
         self.aux_logits = aux_logits
-        self.return_features = bool(self.feature_layers) and not aux_logits if return_features is None else return_features
+        # tapped feature maps are returned only when they are not just inputs to auxiliary heads
+        self.return_features = bool(self.feature_layers) and not aux_logits
         seen: set[int] = set()
         for t in self.teachers:
             overlap = seen.intersection(t.classes)
@@ -319,20 +317,24 @@ class TeacherSet:
         indices = list(range(len(self))) if indices is None else list(indices)
         if self.cache is None:
             outputs = self.compute(x, indices)
-            return [outputs[j] for j in indices]
-        rows = self.cache.rows(x)
+        else:
+            outputs = self._through_cache(x, self.cache.rows(x), sorted(set(indices)))
+        return [outputs[j] for j in indices]
+
+    def _through_cache(self, x: Tensor, rows: Tensor, indices: List[int]) -> Dict[int, TeacherOutput]:
+        """Teachers ``indices`` on ``x`` (cache rows ``rows``): a forward pass
+        only for the inputs some of them have no stored output for."""
         need = torch.zeros_like(rows, dtype=torch.bool)
-        for j in set(indices):
+        for j in indices:
             need |= self.cache.missing(j, rows)
         n_need = int(need.sum())
         self.cache.misses += n_need
         self.cache.hits += rows.numel() - n_need
         if n_need:
             where = torch.nonzero(need).flatten()
-            fresh = self.compute(x.index_select(0, where), sorted(set(indices)))
-            for j, out in fresh.items():
+            for j, out in self.compute(x.index_select(0, where), indices).items():
                 self.cache.store(j, rows[where], self._pack(out))
-        return [self._unpack(self.cache.gather(j, rows), len(self.teachers[j].classes)) for j in indices]
+        return {j: self._unpack(self.cache.gather(j, rows), len(self.teachers[j].classes)) for j in indices}
 
     def _pack(self, out: TeacherOutput) -> Tensor:
         return torch.cat([out.logits, *out.aux_logits], dim=1)
@@ -377,22 +379,12 @@ class TeacherSet:
             if idx.numel() == 0:
                 outputs.append(TeacherOutput(x.new_zeros((0, n))))
                 continue
+            own = x.index_select(0, idx)
             if rows is None:
-                outputs.append(self._runners_output(j, x.index_select(0, idx)))
-                continue
-            own_rows = rows[idx]
-            missing = self.cache.missing(j, own_rows)
-            n_missing = int(missing.sum())
-            self.cache.misses += n_missing
-            self.cache.hits += idx.numel() - n_missing
-            if n_missing:
-                where = idx[missing]
-                self.cache.store(j, rows[where], self._pack(self._runners_output(j, x.index_select(0, where))))
-            outputs.append(self._unpack(self.cache.gather(j, own_rows), n))
+                outputs.append(self.compute(own, [j])[j])
+            else:
+                outputs.append(self._through_cache(own, rows[idx], [j])[j])
         return index, outputs
-
-    def _runners_output(self, j: int, x: Tensor) -> TeacherOutput:
-        return self._select(j, *self._runners[j](x))
 
 
 __all__ = ["GroupTeacher", "OutputCache", "TeacherOutput", "TeacherSet", "input_fingerprints"]

@@ -188,7 +188,6 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self._outputs: Optional[List[TeacherOutput]] = None
         self._batch_groups: List[List[int]] = []
         self._batch_weights: List[float] = []
-        self._cache_this_experience = False
         self._width_checked = False
 
     # -- configuration helpers -----------------------------------------------------
@@ -228,15 +227,6 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "post_prune_epochs": self.post_prune_epochs,
             "loss": self.loss,
             "head_layers": self.snapshots.head_layers,
-        }
-
-    def speed_config(self) -> dict:
-        """The speed options (they do not change what is computed, except
-        ``teachers_per_batch``, which samples it)."""
-        return {
-            "teacher_cache": self.teacher_cache,
-            "batched_teachers": self.batched_teachers,
-            "teachers_per_batch": self.teachers_per_batch,
         }
 
     # -- model preparation ---------------------------------------------------------
@@ -430,10 +420,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, **kwargs):
         self.snapshots.bind(strategy.model)
-        self._cache_this_experience = len(self.snapshots) > 0 and decide_cache(
+        cache = len(self.snapshots) > 0 and decide_cache(
             "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
         )
-        self._teacher_set = self._build_teachers(strategy.device, cache=self._cache_this_experience)
+        self._teacher_set = self._build_teachers(strategy.device, cache=cache)
         self._width_checked = False
 
     def before_training_epoch(self, strategy, **kwargs):
