@@ -136,6 +136,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"--mem-size must be >= 0, got {config['mem_size']}")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.stop_after is not None and not args.checkpoint:
+        raise UsageError("--stop-after needs --checkpoint (otherwise the stopped run is lost)")
     if args.resume and not args.checkpoint and not (Path(args.out) / "results.json").is_file():
         raise UsageError(f"--resume: {args.out}/results.json does not exist and no --checkpoint was given")
     config["device"] = resolve_device(args.device)
@@ -435,8 +437,6 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         for seed, name in todo:
             progress.set_description(f"{name} seed {seed}")
             ckpt = RunCheckpoint(folder, name, seed, args.resume, args.stop_after, trained) if folder else None
-            if ckpt is None and args.stop_after is not None:
-                raise UsageError("--stop-after needs --checkpoint (otherwise the stopped run is lost)")
             try:
                 document["runs"].append(run_one(name, seed, config, data, benchmark, buffer_t, progress, ckpt))
             except (KeyboardInterrupt, UsageError, Stopped):

@@ -96,6 +96,7 @@ def test_same_seed_same_results(tmp_path):
         (["--epochs", "0"], "--epochs"),
         (["--model", "vgg"], "unknown model"),
         (["--model", "mnist_cnn"], "does not fit"),
+        (["--stop-after", "1"], "--stop-after needs --checkpoint"),
         (["--bogus"], "unrecognized arguments"),
     ],
 )
