@@ -15,39 +15,20 @@ import argparse
 import json
 import statistics
 import sys
-import time
 import warnings
 
 
 def measure(store: str, args) -> list:
-    import numpy as np
     import torch
-    from avalanche.core import SupervisedPlugin
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.templates import SupervisedTemplate
 
-    from avalanche_m2kd import M2KDPlugin, datasets, models
+    from avalanche_m2kd import M2KDPlugin, models
+    from benchmarks.harness import IterationTimer, synthetic_split_cifar
 
     torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    per_class = args.batch_size * args.iterations // 2
-    y = np.repeat(np.arange(2 * args.experiences), per_class)
-    x = rng.integers(0, 255, (len(y), 3, 32, 32), dtype=np.uint8)
-    data = datasets.ImageArrays("synthetic", x, y.astype(np.int64), x[:2 * args.experiences], y[:2 * args.experiences].astype(np.int64))
-    data.x_test, data.y_test = x[::per_class], y[::per_class].astype(np.int64)
-    bm = datasets.make_benchmark(data, args.experiences, None, *datasets.make_transforms(data))
-
-    class Timer(SupervisedPlugin):
-        def before_training_iteration(self, strategy, **kw):
-            self.t = time.perf_counter()
-
-        def after_training_iteration(self, strategy, **kw):
-            self.times.append(time.perf_counter() - self.t)
-
-        def before_training_exp(self, strategy, **kw):
-            self.times = []
-
-    timer = Timer()
+    bm = synthetic_split_cifar([args.batch_size * args.iterations // 2] * args.experiences)
+    timer = IterationTimer()
     model = models.create(args.model, in_channels=3)
     plugin = M2KDPlugin(snapshot_store=store, prune_ratio=args.prune_ratio, post_prune_epochs=1,
                         aux_layers=tuple(models.DEFAULT_AUX_LAYERS[args.model]), teacher_cache="off")
@@ -60,13 +41,14 @@ def measure(store: str, args) -> list:
     for exp in bm.train_stream:
         strategy.train(exp)
         s = plugin.snapshots
+        times = timer.iterations[exp.current_experience]
         rows.append({
             "experience": exp.current_experience + 1,
             "teachers": len(s) - 1,  # teachers that ran during this experience
             "free_fraction": s.free_fraction() if store == "packnet" else None,
             "held_bytes": s.nbytes(),
             "full_copy_bytes": s.full_copy_nbytes(),
-            "iteration_s": statistics.median(timer.times[1:] or timer.times),
+            "iteration_s": statistics.median(times[1:] or times),
         })
         print(store, json.dumps(rows[-1]), flush=True)
     return rows

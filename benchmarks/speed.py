@@ -52,13 +52,12 @@ def _peak_rss_mb() -> float:
 def worker(spec: dict) -> dict:
     """One measurement in this process (see the module docstring)."""
     warnings.filterwarnings("ignore")
-    import numpy as np
     import torch
-    from avalanche.core import SupervisedPlugin
     from avalanche.training import LwF, Naive
     from avalanche.training.plugins import EvaluationPlugin
 
-    from avalanche_m2kd import M2KD, EducationDistillation, datasets, models
+    from avalanche_m2kd import M2KD, EducationDistillation, models
+    from benchmarks.harness import IterationTimer, synthetic_split_cifar
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -69,38 +68,8 @@ def worker(spec: dict) -> dict:
     is_ed = mode.startswith("ed")
     n_exp = 3 if is_ed else snapshots + 1
     per_class_timed = batch * spec["iterations"] // 2  # two classes per experience
-    rng = np.random.default_rng(0)
-    counts = [max(1, batch // 2)] * (n_exp - 1) + [per_class_timed]
-    ys = np.concatenate([np.full(c, 2 * e + k) for e, c in enumerate(counts) for k in (0, 1)])
-    xs = rng.integers(0, 255, (len(ys), channels, side, side), dtype=np.uint8)
-    data = datasets.ImageArrays("synthetic", xs, ys.astype(np.int64), xs[:10], ys[:10].astype(np.int64))
-    data.x_test, data.y_test = xs, ys.astype(np.int64)
-    bm = datasets.make_benchmark(data, n_exp, None, *datasets.make_transforms(data, augment=augment))
-
-    class Timer(SupervisedPlugin):
-        def __init__(self):
-            super().__init__()
-            self.iterations: List[float] = []
-            self.epochs: List[float] = []
-
-        def _timed(self, strategy) -> bool:
-            return strategy.experience.current_experience == n_exp - 1
-
-        def before_training_iteration(self, strategy, **kw):
-            self._t = time.perf_counter()
-
-        def after_training_iteration(self, strategy, **kw):
-            if self._timed(strategy):
-                self.iterations.append(time.perf_counter() - self._t)
-
-        def before_training_epoch(self, strategy, **kw):
-            self._e = time.perf_counter()
-
-        def after_training_epoch(self, strategy, **kw):
-            if self._timed(strategy):
-                self.epochs.append(time.perf_counter() - self._e)
-
-    timer = Timer()
+    bm = synthetic_split_cifar([max(1, batch // 2)] * (n_exp - 1) + [per_class_timed], augment=augment)
+    timer = IterationTimer()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluator = EvaluationPlugin(loggers=[])
@@ -139,10 +108,11 @@ def worker(spec: dict) -> dict:
     strategy.train(experiences[-1])
     result = {"mode": mode, "peak_rss_mb": _peak_rss_mb(), "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if epochs_mode:
-        result["epoch_s"] = statistics.mean(timer.epochs)
-        result["epochs_s"] = timer.epochs
+        epochs = timer.epochs[n_exp - 1]  # the timed experience
+        result["epoch_s"] = statistics.mean(epochs)
+        result["epochs_s"] = epochs
     else:
-        times = timer.iterations[2:]  # the first iterations warm up allocators and caches
+        times = timer.iterations[n_exp - 1][2:]  # the timed experience; the first iterations warm up allocators and caches
         result["iteration_s"] = statistics.median(times)
         result["images_per_s"] = batch / result["iteration_s"]
     plugin = getattr(strategy, "m2kd", None)
