@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -98,3 +98,40 @@ def check_model_accepts(owner: str, model: nn.Module, example: Tensor, experienc
         ) from None
     finally:
         model.train(was_training)
+
+
+def stream_class_count(experience) -> Optional[int]:
+    """The number of classes of the whole stream an experience belongs to
+    (``benchmark.n_classes``), or None where the experience does not say."""
+    for owner in (getattr(experience, "benchmark", None), getattr(getattr(experience, "origin_stream", None), "benchmark", None)):
+        n = getattr(owner, "n_classes", None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def check_output_width(owner: str, strategy, needed: int) -> None:
+    """The model's output covers class ids ``0..needed-1``, and the batch is
+    finite with integer labels inside it (first batch of an experience)."""
+    width = strategy.mb_output.shape[-1]
+    if width < needed:
+        raise ValueError(
+            f"{owner}: the model outputs {width} logits but experience "
+            f"{experience_index(strategy.experience)} needs class ids up to {needed - 1}; "
+            f"give the model a head with at least {needed} outputs, or use "
+            "avalanche.models.IncrementalClassifier, which grows with the classes."
+        )
+    check_batch(owner, strategy.experience, strategy.mb_x, strategy.mb_y, width)
+
+
+def check_finite_terms(owner: str, terms: Dict[str, Tensor], experience) -> None:
+    """Every loss term is finite; the error names the term and the experience."""
+    values = list(terms.values())
+    if not values or bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all()):
+        return  # one device read for all terms
+    for name, value in terms.items():
+        if not bool(torch.isfinite(value)):
+            raise FloatingPointError(
+                f"{owner}: the {name} loss term is {float(value)} at training experience "
+                f"{experience_index(experience)}; check the inputs for NaN/inf and lower the learning rate."
+            )

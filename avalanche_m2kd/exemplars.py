@@ -103,13 +103,42 @@ def class_balanced_buffer(
     return ParametricBuffer(mem_size, groupby="class", selection_strategy=policy)
 
 
+ReplayMode = Literal["concat", "batch"]
+
+
 class ExemplarReplay(ReplayPlugin):
-    """Avalanche's ``ReplayPlugin``, updating the memory through the storage
-    policy's ``post_adapt``: 0.6.0's plugin calls the deprecated ``update``,
-    whose decorator re-enables DeprecationWarning on every call."""
+    """Avalanche's ``ReplayPlugin`` with two ways to replay the memory.
+
+    ``mode="concat"`` (default [iCaRL]): the exemplars join the experience's
+    training data, so each is seen once per epoch, as in iCaRL's (and PyCIL's,
+    FACIL's) protocol and Avalanche's own ``ICaRL``; the memory is seen with
+    the training transform (augmentation included). ``mode="batch"``:
+    Avalanche's ``ReplayPlugin`` as it is, a memory mini-batch beside every
+    data mini-batch (the memory is oversampled when it is smaller than the
+    experience).
+
+    The memory is updated through the storage policy's ``post_adapt``:
+    0.6.0's plugin calls the deprecated ``update``, whose decorator re-enables
+    DeprecationWarning on every call.
+    """
+
+    def __init__(self, mem_size: int = 200, storage_policy=None, mode: ReplayMode = "concat", **kwargs):
+        if mode not in ("concat", "batch"):
+            raise ValueError(f"ExemplarReplay: mode must be 'concat' or 'batch', got {mode!r}")
+        super().__init__(mem_size, storage_policy=storage_policy, **kwargs)
+        self.mode = mode
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs):
+        buffer = self.storage_policy.buffer
+        if self.mode == "concat" and len(buffer) > 0:
+            strategy.adapted_dataset = strategy.adapted_dataset.concat(buffer.train())
+
+    def before_training_exp(self, strategy, num_workers: int = 0, shuffle: bool = True, drop_last: bool = False, **kwargs):
+        if self.mode == "batch":
+            super().before_training_exp(strategy, num_workers=num_workers, shuffle=shuffle, drop_last=drop_last, **kwargs)
 
     def after_training_exp(self, strategy, **kwargs):
         self.storage_policy.post_adapt(strategy, strategy.experience)
 
 
-__all__ = ["ExemplarReplay", "HerdingSelection", "class_balanced_buffer", "extract_features", "icarl_herding_order"]
+__all__ = ["ExemplarReplay", "ReplayMode", "HerdingSelection", "class_balanced_buffer", "extract_features", "icarl_herding_order"]

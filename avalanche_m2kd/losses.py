@@ -16,13 +16,25 @@ Conventions
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 Group = Sequence[int]
+
+
+@dataclass
+class TeacherOutput:
+    """One teacher's outputs on a batch: logits restricted to its group's
+    columns (column ``j`` is class ``group[j]``), the same for each auxiliary
+    head, and the tapped feature maps (feature matching only)."""
+
+    logits: Tensor
+    aux_logits: List[Tensor] = field(default_factory=list)
+    features: List[Tensor] = field(default_factory=list)
 
 
 def _as_index(group: Group | Tensor, device: torch.device) -> Tensor:
@@ -264,19 +276,173 @@ def sigmoid_distillation_loss(
     columns: Sequence[int] | Tensor,
     teacher_logits: Sequence[Tensor],
     groups: Sequence[Group | Tensor],
+    n_outputs: Optional[int] = None,
 ) -> Tensor:
     """iCaRL's classification-plus-distillation loss, routed per group.
 
     Binary cross-entropy between ``sigmoid(student_logits[:, columns])`` and
-    :func:`group_sigmoid_targets`, averaged over batch and columns (the scale of
-    Avalanche's ``ICaRLLossPlugin``, a ``BCELoss`` with mean reduction).
+    :func:`group_sigmoid_targets`, summed over the columns and divided by
+    ``B * n_outputs``.
+
+    ``n_outputs`` is the width iCaRL averages over: its classifier has one
+    output per class of the whole stream (100 on CIFAR-100) from the first
+    step, and Avalanche's ``ICaRLLossPlugin`` is a mean over all of them. A
+    growing head has only the seen columns; dividing by their count instead
+    would make every logit's gradient ``n_outputs / len(columns)`` times
+    larger (10x at the first of 10 CIFAR-100 steps), and iCaRL's learning rate
+    a divergent one. Default ``len(columns)`` (a plain mean over ``columns``).
     """
     target_matrix = group_sigmoid_targets(targets, columns, teacher_logits, groups)
     index = _columns(student_logits, columns, "sigmoid_distillation_loss")
-    return F.binary_cross_entropy_with_logits(student_logits.index_select(1, index), target_matrix)
+    width = index.numel() if n_outputs is None else int(n_outputs)
+    if width < index.numel():
+        raise ValueError(
+            f"sigmoid_distillation_loss: n_outputs={width} is smaller than the {index.numel()} columns it averages; "
+            "pass the number of classes of the whole stream"
+        )
+    summed = F.binary_cross_entropy_with_logits(
+        student_logits.index_select(1, index).float(), target_matrix, reduction="sum"
+    )
+    return summed / (student_logits.shape[0] * width)
+
+
+LossForm = Literal["kl", "bce"]
+AuxMode = Literal["logits", "features"]
+
+
+@dataclass(frozen=True)
+class M2KDLoss:
+    """M2KD's objective as one pure object: teacher outputs with their class
+    groups and weights in, named loss terms out (the way Avalanche's
+    ``LwFPlugin`` sits on its ``LearningWithoutForgetting`` object).
+
+    Softmax form (``form="kl"``); the strategy's cross-entropy is added by
+    the strategy itself:
+
+    * ``aux_ce``: cross-entropy of each auxiliary head over the seen classes, summed;
+    * ``mm``: :func:`distill_group_logits` of the output from the teachers;
+    * ``aux_kd``: the same for each auxiliary head (``aux="logits"``), or
+      :func:`distill_group_features` of each tapped feature map (``aux="features"``).
+
+    iCaRL form (``form="bce"``):
+
+    * ``classification``: :func:`sigmoid_distillation_loss` over the seen
+      classes, averaged over ``n_outputs`` columns; it replaces the cross-entropy;
+    * ``aux_bce``: the same for each auxiliary head (``aux="logits"``), or
+      ``aux_kd`` as above (``aux="features"``).
+
+    :meth:`total` weights them: ``classification + aux_ce_weight * aux_ce +
+    mm_weight * mm + aux_weight * (aux_kd | aux_bce)``.
+
+    Args (defaults as :class:`~avalanche_m2kd.M2KDPlugin`, which documents why):
+        form: ``"kl"`` or ``"bce"``. temperature: ``T`` of the softmax form.
+        mm_weight, aux_weight, aux_ce_weight: the weights above.
+        aux: ``"logits"`` or ``"features"``. feature_distance: ``"mse"`` or ``"attention"``.
+    """
+
+    form: LossForm = "kl"
+    temperature: float = 2.0
+    mm_weight: float = 0.25
+    aux_weight: float = 0.25
+    aux_ce_weight: float = 1.0
+    aux: AuxMode = "logits"
+    feature_distance: FeatureDistance = "mse"
+
+    def __post_init__(self):
+        if self.form not in ("kl", "bce"):
+            raise ValueError(f"M2KDLoss: loss form must be 'kl' or 'bce', got {self.form!r}")
+        if self.aux not in ("logits", "features"):
+            raise ValueError(f"M2KDLoss: aux must be 'logits' or 'features', got {self.aux!r}")
+        if self.feature_distance not in ("mse", "attention"):
+            raise ValueError(f"M2KDLoss: feature_distance must be 'mse' or 'attention', got {self.feature_distance!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"M2KDLoss: temperature must be > 0, got {self.temperature}")
+        for name in ("mm_weight", "aux_weight", "aux_ce_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"M2KDLoss: {name} must be >= 0, got {getattr(self, name)}")
+
+    def terms(
+        self,
+        logits: Tensor,
+        targets: Tensor,
+        seen: Sequence[int] | Tensor,
+        teacher_outputs: Sequence[TeacherOutput] = (),
+        groups: Sequence[Group | Tensor] = (),
+        weights: Optional[Sequence[float]] = None,
+        aux_logits: Sequence[Tensor] = (),
+        features: Sequence[Tensor] = (),
+        n_outputs: Optional[int] = None,
+    ) -> Dict[str, Tensor]:
+        """The unweighted terms of one batch.
+
+        Args:
+            logits: ``[B, n]`` student logits (column = class id).
+            targets: ``[B]`` labels.
+            seen: the classes seen so far (current experience included).
+            teacher_outputs, groups: one teacher output per class group, in
+                the same order (empty before the second experience).
+            weights: per-group weights, default :func:`group_weights`.
+            aux_logits: the student's auxiliary-head logits, one per tapped layer.
+            features: the student's tapped feature maps (``aux="features"``).
+            n_outputs: ``bce`` only: the width the sigmoid loss averages over
+                (the stream's number of classes, as iCaRL's fixed classifier).
+        """
+        if len(teacher_outputs) != len(groups):
+            raise ValueError(f"M2KDLoss: {len(teacher_outputs)} teacher outputs for {len(groups)} groups")
+        if teacher_outputs and weights is None:
+            weights = group_weights(groups)
+        terms: Dict[str, Tensor] = {}
+        if self.form == "bce":
+            terms["classification"] = sigmoid_distillation_loss(
+                logits, targets, seen, [o.logits for o in teacher_outputs], groups, n_outputs
+            )
+            if aux_logits:
+                terms["aux_bce"] = sum(
+                    sigmoid_distillation_loss(a, targets, seen, [o.aux_logits[i] for o in teacher_outputs], groups, n_outputs)
+                    for i, a in enumerate(aux_logits)
+                )
+        elif aux_logits:
+            terms["aux_ce"] = sum(cross_entropy_over(a, targets, seen) for a in aux_logits)
+        if not teacher_outputs:
+            return terms
+        if self.form == "kl":
+            terms["mm"] = distill_group_logits(logits, [o.logits for o in teacher_outputs], groups, self.temperature, weights)
+            if aux_logits:
+                terms["aux_kd"] = sum(
+                    distill_group_logits(a, [o.aux_logits[i] for o in teacher_outputs], groups, self.temperature, weights)
+                    for i, a in enumerate(aux_logits)
+                )
+        if features and self.aux == "features":
+            terms["aux_kd"] = sum(
+                distill_group_features(f, [o.features[i] for o in teacher_outputs], weights, self.feature_distance)
+                for i, f in enumerate(features)
+            )
+        return terms
+
+    def weight(self, name: str) -> float:
+        """The weight of the term ``name`` in :meth:`total`."""
+        table = {
+            "classification": 1.0,
+            "aux_ce": self.aux_ce_weight,
+            "mm": self.mm_weight,
+            "aux_kd": self.aux_weight,
+            "aux_bce": self.aux_weight,
+        }
+        if name not in table:
+            raise KeyError(f"M2KDLoss: unknown term {name!r}")
+        return table[name]
+
+    def total(self, terms: Dict[str, Tensor], exclude: Sequence[str] = ()) -> Tensor:
+        """The weighted sum of ``terms`` (leaving out the names in ``exclude``)."""
+        parts = [self.weight(k) * v for k, v in terms.items() if k not in exclude]
+        if not parts:
+            raise ValueError("M2KDLoss.total: no terms to add")
+        return sum(parts[1:], parts[0])
 
 
 __all__ = [
+    "M2KDLoss",
+    "TeacherOutput",
     "attention_map",
     "class_positions",
     "cross_entropy_over",

@@ -3,6 +3,7 @@ library's plugins, the way Avalanche's own ``LwF`` wraps ``LwFPlugin``."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, List, Literal, Optional, Sequence, Union
 
 import torch
@@ -13,10 +14,50 @@ from avalanche.training.templates import SupervisedTemplate
 from torch.nn import CrossEntropyLoss, Module
 from torch.optim import Optimizer
 
-from .exemplars import ExemplarReplay, class_balanced_buffer
-from .plugins.ed import EducationDistillationPlugin, OptimizerFactory, TeacherSpec
+from .exemplars import ExemplarReplay, ReplayMode, class_balanced_buffer
+from .plugins.ed import EducationDistillationPlugin
 from .plugins.m2kd import M2KDPlugin
 from .plugins.nme import NMEClassifierPlugin
+
+
+DEFAULT_TRAIN_MB_SIZE = 64
+"""Mini-batch size of both strategies when none is given [ours]: ED's reading of
+its authors' code (whose 4 is a debugging value); iCaRL's CIFAR protocol uses 128."""
+
+
+def _template_args(
+    train_mb_size: int,
+    train_epochs: int,
+    eval_mb_size: Optional[int],
+    device,
+    evaluator,
+    eval_every: int,
+) -> dict:
+    return dict(
+        train_mb_size=train_mb_size,
+        train_epochs=train_epochs,
+        eval_mb_size=eval_mb_size or train_mb_size,
+        device=device,
+        evaluator=evaluator,
+        eval_every=eval_every,
+    )
+
+
+def _takes_plugin_arguments(strategy: type, plugin: type) -> type:
+    """Give ``strategy.__init__`` the signature of its own keyword arguments
+    plus ``plugin``'s (its ``**plugin_args``), so that ``help()`` and
+    Avalanche's check of unexpected keyword arguments see every argument,
+    while the plugin's signature stays their only definition."""
+    init = strategy.__init__
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in own}
+    extra = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(plugin.__init__).parameters.items()
+        if name != "self" and name not in names and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    init.__signature__ = inspect.signature(init).replace(parameters=own + extra)
+    return strategy
 
 
 class M2KD(SupervisedTemplate):
@@ -26,11 +67,15 @@ class M2KD(SupervisedTemplate):
     Args:
         model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size,
             device, plugins, evaluator, eval_every: as Avalanche's
-            ``SupervisedTemplate``. ``criterion`` is ignored with ``loss="bce"``
-            (the plugin is the criterion then).
-        mem_size: exemplars kept in total (0 = none, the default).
-            Replayed through Avalanche's ``ReplayPlugin`` (as :class:`~avalanche_m2kd.exemplars.ExemplarReplay`) with a class-balanced
-            ``ParametricBuffer``.
+            ``SupervisedTemplate`` (``train_mb_size`` defaults to
+            :data:`DEFAULT_TRAIN_MB_SIZE`). ``criterion`` is ignored with
+            ``loss="bce"`` (the plugin is the criterion then).
+        mem_size: exemplars kept in total (0 = none, the default), in a
+            class-balanced Avalanche ``ParametricBuffer``.
+        memory_replay: how the memory is replayed (see
+            :class:`~avalanche_m2kd.exemplars.ExemplarReplay`): ``"concat"``
+            (default [iCaRL]: exemplars join the training data) or ``"batch"``
+            (a memory batch beside every data batch).
         exemplar_selection: ``"herding"`` (iCaRL's, default) or ``"random"``.
         feature_layer: module whose output herding and the nearest-mean
             classifier read (default ``"embedding"``, the feature vector of this
@@ -39,11 +84,9 @@ class M2KD(SupervisedTemplate):
             (iCaRL's nearest mean of exemplars, needs ``mem_size > 0``; see
             :class:`~avalanche_m2kd.NMEClassifierPlugin`). ``loss="bce"``,
             herding and ``"nme"`` together are the iCaRL protocol M2KD follows.
-        temperature, mm_weight, aux_weight, aux_ce_weight, teachers, aux_layers,
-            aux, feature_distance, snapshot_store, prune_ratio, post_prune_epochs,
-            loss, head_layers, teacher_cache, batched_teachers,
-            teachers_per_batch: the :class:`~avalanche_m2kd.M2KDPlugin`
-            arguments, with the same defaults.
+        **plugin_args: the :class:`~avalanche_m2kd.M2KDPlugin` arguments
+            (``temperature``, ``loss``, ``aux_layers``, ``snapshot_store``, ...),
+            with the plugin's defaults.
 
     The plugin is available as ``strategy.m2kd`` (snapshots: ``strategy.m2kd.snapshots``).
     The caller's ``plugins`` list is not modified.
@@ -56,32 +99,18 @@ class M2KD(SupervisedTemplate):
         optimizer: Optimizer,
         criterion: Callable = CrossEntropyLoss(),
         mem_size: int = 0,
+        memory_replay: ReplayMode = "concat",
         exemplar_selection: Literal["herding", "random"] = "herding",
         feature_layer: str = "embedding",
         classifier: Literal["linear", "nme"] = "linear",
-        train_mb_size: int = 32,
+        train_mb_size: int = DEFAULT_TRAIN_MB_SIZE,
         train_epochs: int = 1,
         eval_mb_size: Optional[int] = None,
         device: Union[str, torch.device] = "cpu",
         plugins: Optional[Sequence[BasePlugin]] = None,
         evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
         eval_every: int = -1,
-        temperature: float = 2.0,
-        mm_weight: float = 0.25,
-        aux_weight: float = 0.25,
-        aux_ce_weight: float = 1.0,
-        teachers: Literal["all", "last"] = "all",
-        aux_layers: Sequence[str] = (),
-        aux: Literal["logits", "features"] = "logits",
-        feature_distance: Literal["mse", "attention"] = "mse",
-        snapshot_store: Literal["full", "packnet", "sparse"] = "full",
-        prune_ratio: float = 0.75,
-        post_prune_epochs: int = 2,
-        loss: Literal["kl", "bce"] = "kl",
-        head_layers: Optional[Sequence[str]] = None,
-        teacher_cache: Literal["auto", "exact", "off"] = "auto",
-        batched_teachers: bool = False,
-        teachers_per_batch: Optional[int] = None,
+        **plugin_args,
     ):
         if mem_size < 0:
             raise ValueError(f"M2KD: mem_size must be >= 0, got {mem_size}")
@@ -89,24 +118,7 @@ class M2KD(SupervisedTemplate):
             raise ValueError(f"M2KD: classifier must be 'linear' or 'nme', got {classifier!r}")
         if classifier == "nme" and mem_size == 0:
             raise ValueError("M2KD: classifier='nme' needs exemplars; set mem_size > 0")
-        self.m2kd = M2KDPlugin(
-            temperature=temperature,
-            mm_weight=mm_weight,
-            aux_weight=aux_weight,
-            aux_ce_weight=aux_ce_weight,
-            teachers=teachers,
-            aux_layers=aux_layers,
-            aux=aux,
-            feature_distance=feature_distance,
-            snapshot_store=snapshot_store,
-            prune_ratio=prune_ratio,
-            post_prune_epochs=post_prune_epochs,
-            loss=loss,
-            head_layers=head_layers,
-            teacher_cache=teacher_cache,
-            batched_teachers=batched_teachers,
-            teachers_per_batch=teachers_per_batch,
-        )
+        self.m2kd = M2KDPlugin(**plugin_args)
         if self.m2kd.loss == "bce":
             criterion = self.m2kd
         all_plugins: List[BasePlugin] = list(plugins or []) + [self.m2kd]
@@ -114,7 +126,7 @@ class M2KD(SupervisedTemplate):
         self.nme: Optional[NMEClassifierPlugin] = None
         if mem_size > 0:
             buffer = class_balanced_buffer(mem_size, exemplar_selection, feature_layer)
-            self.replay = ExemplarReplay(mem_size, storage_policy=buffer)
+            self.replay = ExemplarReplay(mem_size, storage_policy=buffer, mode=memory_replay)
             all_plugins.append(self.replay)
             if classifier == "nme":  # after the replay plugin: means of the updated memory
                 self.nme = NMEClassifierPlugin(buffer, feature_layer)
@@ -123,14 +135,12 @@ class M2KD(SupervisedTemplate):
             model=model,
             optimizer=optimizer,
             criterion=criterion,
-            train_mb_size=train_mb_size,
-            train_epochs=train_epochs,
-            eval_mb_size=eval_mb_size or train_mb_size,
-            device=device,
             plugins=all_plugins,
-            evaluator=evaluator,
-            eval_every=eval_every,
+            **_template_args(train_mb_size, train_epochs, eval_mb_size, device, evaluator, eval_every),
         )
+
+
+_takes_plugin_arguments(M2KD, M2KDPlugin)
 
 
 class EducationDistillation(SupervisedTemplate):
@@ -143,11 +153,11 @@ class EducationDistillation(SupervisedTemplate):
 
     Args:
         model, optimizer, train_mb_size, train_epochs, eval_mb_size, device,
-            plugins, evaluator, eval_every: as Avalanche's ``SupervisedTemplate``.
-        teachers, teacher_factory, teacher_epochs, teacher_optimizer,
-            teacher_batch_size, alpha, temperature, revisit, order,
-            stage_epochs, stage_lr, teacher_cache: the plugin's arguments,
-            same defaults.
+            plugins, evaluator, eval_every: as Avalanche's ``SupervisedTemplate``
+            (``train_mb_size`` defaults to :data:`DEFAULT_TRAIN_MB_SIZE`).
+        **plugin_args: the :class:`~avalanche_m2kd.EducationDistillationPlugin`
+            arguments (``teachers`` or ``teacher_factory``, ``alpha``,
+            ``temperature``, ``revisit``, ...), with the plugin's defaults.
 
     The plugin is ``strategy.ed``. The caller's ``plugins`` list is not modified.
     """
@@ -157,52 +167,25 @@ class EducationDistillation(SupervisedTemplate):
         *,
         model: Module,
         optimizer: Optimizer,
-        teachers: Optional[Sequence[TeacherSpec]] = None,
-        teacher_factory: Optional[Callable[[int], Module]] = None,
-        teacher_epochs: Optional[int] = None,
-        teacher_optimizer: Optional[OptimizerFactory] = None,
-        teacher_batch_size: Optional[int] = None,
-        alpha: float = 0.3,
-        temperature: float = 4.0,
-        revisit: Union[Literal["all"], int] = "all",
-        order: Literal["mixed", "sequential"] = "mixed",
-        stage_epochs: Optional[Sequence[int]] = None,
-        stage_lr: Optional[Sequence[float]] = None,
-        teacher_cache: Literal["auto", "exact", "off"] = "auto",
-        train_mb_size: int = 64,
+        train_mb_size: int = DEFAULT_TRAIN_MB_SIZE,
         train_epochs: int = 1,
         eval_mb_size: Optional[int] = None,
         device: Union[str, torch.device] = "cpu",
         plugins: Optional[Sequence[BasePlugin]] = None,
         evaluator: Union[EvaluationPlugin, Callable[[], EvaluationPlugin]] = default_evaluator,
         eval_every: int = -1,
+        **plugin_args,
     ):
-        self.ed = EducationDistillationPlugin(
-            teachers=teachers,
-            teacher_factory=teacher_factory,
-            teacher_epochs=teacher_epochs,
-            teacher_optimizer=teacher_optimizer,
-            teacher_batch_size=teacher_batch_size,
-            alpha=alpha,
-            temperature=temperature,
-            revisit=revisit,
-            order=order,
-            stage_epochs=stage_epochs,
-            stage_lr=stage_lr,
-            teacher_cache=teacher_cache,
-        )
+        self.ed = EducationDistillationPlugin(**plugin_args)
         super().__init__(
             model=model,
             optimizer=optimizer,
             criterion=self.ed,
-            train_mb_size=train_mb_size,
-            train_epochs=train_epochs,
-            eval_mb_size=eval_mb_size or train_mb_size,
-            device=device,
             plugins=list(plugins or []) + [self.ed],
-            evaluator=evaluator,
-            eval_every=eval_every,
+            **_template_args(train_mb_size, train_epochs, eval_mb_size, device, evaluator, eval_every),
         )
 
 
-__all__ = ["EducationDistillation", "M2KD"]
+_takes_plugin_arguments(EducationDistillation, EducationDistillationPlugin)
+
+__all__ = ["DEFAULT_TRAIN_MB_SIZE", "EducationDistillation", "M2KD"]

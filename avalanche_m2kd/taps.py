@@ -134,8 +134,23 @@ def feature_channels(model: nn.Module, layers: Sequence[str], example: Tensor) -
         model.train(was_training)
 
 
+def attach_auxiliary_heads(model: nn.Module, layers: Sequence[str], example: Tensor) -> None:
+    """Register :class:`AuxiliaryHeads` for ``layers`` on ``model`` as
+    :data:`AUX_ATTRIBUTE` (once; a model that has them is left alone).
+    ``example`` is one input, with or without batch dimension, used to read
+    the layers' channel counts."""
+    if hasattr(model, AUX_ATTRIBUTE):
+        return
+    device = next(model.parameters()).device
+    if example.dim() in (1, 3):
+        example = example.unsqueeze(0)
+    channels = feature_channels(model, layers, example[:1].to(device))
+    model.add_module(AUX_ATTRIBUTE, AuxiliaryHeads(layers, channels).to(device))
+
+
 __all__ = [
     "AUX_ATTRIBUTE",
+    "attach_auxiliary_heads",
     "AuxiliaryHead",
     "AuxiliaryHeads",
     "FeatureTaps",

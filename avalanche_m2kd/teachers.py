@@ -19,24 +19,35 @@ through the teacher of its own group (ED); optionally
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .losses import TeacherOutput
+from .precision import Precision, autocast, check_precision
 from .snapshots import freeze, load_state_reshaped
 from .taps import AUX_ATTRIBUTE, FeatureTaps
 
 
-@dataclass
-class TeacherOutput:
-    """One teacher's outputs on a batch, restricted to its group's columns."""
+def draw_teachers(
+    weights: Sequence[float], k: Optional[int], generator: Optional[torch.Generator] = None
+) -> Tuple[List[int], List[float]]:
+    """Which teachers a batch uses, and with what weights.
 
-    logits: Tensor
-    aux_logits: List[Tensor] = field(default_factory=list)
-    features: List[Tensor] = field(default_factory=list)
+    ``k=None`` (or a single teacher): all of them, with ``weights``. Otherwise
+    ``k`` draws with replacement, teacher ``j`` with probability ``weights[j]``
+    (which must sum to 1); each drawn teacher is weighted by its count over
+    ``k``. Since ``E[count_j / k] = weights[j]``, the weighted loss is an
+    unbiased estimate of the full weighted loss at ``k`` forwards per batch.
+    """
+    if k is None or len(weights) <= 1:
+        return list(range(len(weights))), list(weights)
+    draws = torch.multinomial(torch.tensor(list(weights), dtype=torch.float64), k, replacement=True, generator=generator)
+    counts = torch.bincount(draws, minlength=len(weights)).tolist()
+    chosen = [j for j, c in enumerate(counts) if c > 0]
+    return chosen, [counts[j] / k for j in chosen]
 
 
 class GroupTeacher:
@@ -242,6 +253,9 @@ class TeacherSet:
         batched: evaluate all teachers in one ``vmap`` pass (same architecture).
         cache: keep each teacher's outputs per input (see the module
             docstring); incompatible with returning ``features``.
+        precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the teachers'
+            forward passes run under ``torch.autocast`` in that precision; their
+            outputs are returned (and cached) in float32.
     """
 
     def __init__(
@@ -251,7 +265,10 @@ class TeacherSet:
         aux_logits: bool = False,
         batched: bool = False,
         cache: bool = False,
+        precision: Precision = "fp32",
     ):
+        check_precision(precision, "TeacherSet")
+        self.precision = precision
         self.teachers = list(teachers)
         self.feature_layers = list(feature_layers)
         self.aux_logits = aux_logits
@@ -291,21 +308,22 @@ class TeacherSet:
     def _select(self, j: int, out: Tensor, aux: Sequence[Tensor], feats: Sequence[Tensor]) -> TeacherOutput:
         columns = self.teachers[j].column_index(out.device)
         return TeacherOutput(
-            out.index_select(1, columns),
-            [a.index_select(1, columns) for a in aux],
-            list(feats) if self.return_features else [],
+            out.index_select(1, columns).float(),
+            [a.index_select(1, columns).float() for a in aux],
+            [f.float() for f in feats] if self.return_features else [],
         )
 
     @torch.no_grad()
     def compute(self, x: Tensor, indices: Sequence[int]) -> Dict[int, TeacherOutput]:
         """Teachers ``indices`` on ``x``, without the cache."""
         indices = list(indices)
-        if self._stacked is not None and len(indices) > 1:
-            out, aux, feats = self._stacked(x, None if indices == list(range(len(self))) else indices)
-            return {
-                j: self._select(j, out[i], [a[i] for a in aux], [f[i] for f in feats]) for i, j in enumerate(indices)
-            }
-        return {j: self._select(j, *self._runners[j](x)) for j in indices}
+        with autocast(self.precision, x.device):
+            if self._stacked is not None and len(indices) > 1:
+                out, aux, feats = self._stacked(x, None if indices == list(range(len(self))) else indices)
+                return {
+                    j: self._select(j, out[i], [a[i] for a in aux], [f[i] for f in feats]) for i, j in enumerate(indices)
+                }
+            return {j: self._select(j, *self._runners[j](x)) for j in indices}
 
     def run(self, index: int, x: Tensor) -> TeacherOutput:
         """Teacher ``index`` on ``x``."""
@@ -387,4 +405,4 @@ class TeacherSet:
         return index, outputs
 
 
-__all__ = ["GroupTeacher", "OutputCache", "TeacherOutput", "TeacherSet", "input_fingerprints"]
+__all__ = ["GroupTeacher", "OutputCache", "TeacherOutput", "TeacherSet", "draw_teachers", "input_fingerprints"]

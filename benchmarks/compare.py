@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, help="at most this many training images per class")
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class")
     p.add_argument("--m2kd-store", choices=["full", "packnet", "sparse"], help="snapshot store of the m2kd strategies")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and teachers (fp16: CUDA only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--checkpoint", help="folder for per-run checkpoints, written after every experience")
     p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint)")
@@ -110,12 +111,12 @@ def resolve_config(args: argparse.Namespace) -> dict:
         "train_per_class": args.train_per_class,
         "test_per_class": args.test_per_class,
         "m2kd_store": args.m2kd_store,
+        "precision": args.precision,
     }
-    if args.dataset and args.dataset != config["dataset"] and not args.model:
-        config["model"] = None  # chosen from the images' size once loaded
     config.update({k: v for k, v in overrides.items() if v is not None})
     config.setdefault("data_root", None)
     config.setdefault("m2kd_store", None)
+    config.setdefault("precision", "fp32")
     config["download"] = bool(args.download)
     if args.lr is not None:
         config["lr"] = args.lr
@@ -141,6 +142,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.resume and not args.checkpoint and not (Path(args.out) / "results.json").is_file():
         raise UsageError(f"--resume: {args.out}/results.json does not exist and no --checkpoint was given")
     config["device"] = resolve_device(args.device)
+    if config["precision"] == "fp16" and not config["device"].startswith("cuda"):
+        raise UsageError("--precision fp16 needs a CUDA device (it relies on a gradient scaler); use bf16 on a CPU")
     return config
 
 
@@ -290,11 +293,27 @@ class RunCheckpoint:
         return self.stop_after is not None and self.counter[0] >= self.stop_after
 
 
+def code_version() -> Optional[str]:
+    """The git commit of this checkout (``+dirty`` with uncommitted changes), or None."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def environment(config: dict) -> dict:
     import avalanche
     import torch
 
     return {
+        "code_version": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "avalanche": avalanche.__version__,

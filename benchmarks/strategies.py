@@ -14,6 +14,7 @@ from torch import nn
 
 from avalanche_m2kd import M2KD, EducationDistillation, models
 from avalanche_m2kd.exemplars import ExemplarReplay, class_balanced_buffer
+from avalanche_m2kd.precision import MixedPrecisionPlugin
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Setup:
     first_plugins: tuple = ()  # run before every other plugin (multi-process synchronisation)
 
 
-SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last"}
+SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-bce", "m2kd-bce-last"}
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 
 
@@ -51,6 +52,8 @@ def make_optimizer(params, name: str, config: dict) -> torch.optim.Optimizer:
 def _plugins(optimizer, setup: "Setup", replay: bool) -> List:
     config = setup.config
     plugins: List = list(setup.first_plugins)
+    if config.get("precision", "fp32") != "fp32":  # first: autocast covers the teacher passes other plugins make
+        plugins.append(MixedPrecisionPlugin(config["precision"]))
     if config["milestones"]:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config["milestones"], gamma=config["gamma"])
         plugins.append(LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True))
@@ -112,6 +115,8 @@ def build_icarl(name: str, setup: Setup):
     backbone = _model(setup)
     features = models.feature_extractor(backbone)
     classifier = nn.Linear(backbone.feature_dim, setup.n_classes)
+    if getattr(backbone, "variant", None) == "icarl":
+        models.icarl_linear_init(classifier)  # as Avalanche's initialize_icarl_net
     params = list(features.parameters()) + list(classifier.parameters())
     optimizer = make_optimizer(params, name, setup.config)
     return ICaRL(
@@ -130,7 +135,10 @@ def _m2kd(**overrides):
     def build(name: str, setup: Setup):
         model = _model(setup)
         optimizer = make_optimizer(model.parameters(), name, setup.config)
-        kwargs = dict(aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]))
+        kwargs = dict(
+            aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]),
+            teacher_precision=setup.config.get("precision", "fp32"),
+        )
         if setup.config.get("m2kd_store"):
             kwargs["snapshot_store"] = setup.config["m2kd_store"]
         kwargs.update(setup.config.get("m2kd") or {})
@@ -157,7 +165,7 @@ def build_ed(name: str, setup: Setup):
     channels, side = setup.input_shape[0], setup.input_shape[-1]
     student = models.ed_student_for(c["model"], channels, side)
     optimizer = make_optimizer(student.parameters(), name, c)
-    kwargs = dict(revisit=c["mem_size"])
+    kwargs = dict(revisit=c["mem_size"], teacher_precision=c.get("precision", "fp32"))
     kwargs.update(c.get("ed") or {})
     return EducationDistillation(
         model=student,
@@ -180,11 +188,14 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd-noaux": _m2kd(aux_layers=()),
     "m2kd-icarl": _m2kd(loss="bce", classifier="nme"),
     "m2kd-icarl-last": _m2kd(loss="bce", classifier="nme", teachers="last"),
+    "m2kd-bce": _m2kd(loss="bce"),
+    "m2kd-bce-last": _m2kd(loss="bce", teachers="last"),
     "ed": build_ed,
 }
 """Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
-``ReplayPlugin`` (``ExemplarReplay``) over the same class-balanced herding memory when
-``mem_size > 0``; ``joint`` is Avalanche's ``Cumulative`` (all data seen so
+``ReplayPlugin`` (as ``ExemplarReplay``, exemplars joined to the training data as
+in iCaRL's protocol) over the same class-balanced herding memory when
+``mem_size > 0``; the M2KD strategies replay the same way; ``joint`` is Avalanche's ``Cumulative`` (all data seen so
 far, the upper bound at every step); ``icarl`` is Avalanche's ``ICaRL``."""
 
 DESCRIPTIONS = {
@@ -197,6 +208,8 @@ DESCRIPTIONS = {
     "m2kd-noaux": "M2KD without auxiliary heads",
     "m2kd-icarl": "M2KD in iCaRL's form: sigmoid loss, herding, nearest-mean classifier",
     "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
+    "m2kd-bce": "M2KD's sigmoid form with the trained head (no nearest-mean classifier; for --mem-size 0)",
+    "m2kd-bce-last": "the same with the last snapshot only",
     "ed": "Education Distillation: growing student, one teacher per experience",
 }
 

@@ -6,6 +6,8 @@ from .resnet import (
     cifar_resnet20,
     cifar_resnet32,
     cifar_resnet110,
+    icarl_linear_init,
+    icarl_resnet32,
     make_head,
 )
 from .ed_student import (
@@ -35,6 +37,8 @@ __all__ = [
     "cifar_resnet20",
     "cifar_resnet32",
     "digits_cnn",
+    "icarl_linear_init",
+    "icarl_resnet32",
     "make_head",
     "mnist_cnn",
 ]
@@ -50,6 +54,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "cifar_cnn": lambda num_classes=None, in_channels=3: SmallConvNet(in_channels, 32, num_classes),
     "resnet20": lambda num_classes=None, in_channels=3: cifar_resnet20(num_classes, in_channels),
     "resnet32": lambda num_classes=None, in_channels=3: cifar_resnet32(num_classes, in_channels),
+    "resnet32_icarl": lambda num_classes=None, in_channels=3: icarl_resnet32(num_classes, in_channels),
     "resnet110": lambda num_classes=None, in_channels=3: cifar_resnet110(num_classes, in_channels),
 }
 """Backbones by name; each takes ``num_classes`` (None = growing head) and ``in_channels``."""

@@ -46,10 +46,12 @@ class PadShortcut(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with BatchNorm and an identity (or padded) shortcut."""
+    """Two 3x3 convolutions with BatchNorm and an identity (or padded) shortcut,
+    then a ReLU (``relu_out=False``: none, as iCaRL's last block)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, relu_out: bool = True):
         super().__init__()
+        self.relu_out = relu_out
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
@@ -61,14 +63,15 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return F.relu(out) if self.relu_out else out
 
 
-def make_stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-    """``blocks`` BasicBlocks; the first one changes width and stride."""
-    layers = [BasicBlock(in_planes, planes, stride)]
-    layers += [BasicBlock(planes, planes, 1) for _ in range(blocks - 1)]
+def make_stage(in_planes: int, planes: int, blocks: int, stride: int, last_relu: bool = True) -> nn.Sequential:
+    """``blocks`` BasicBlocks; the first one changes width and stride; the last
+    one ends without ReLU when ``last_relu`` is False."""
+    layers = [BasicBlock(in_planes, planes, stride, relu_out=blocks > 1 or last_relu)]
+    layers += [BasicBlock(planes, planes, 1, relu_out=i < blocks - 2 or last_relu) for i in range(blocks - 1)]
     return nn.Sequential(*layers)
 
 
@@ -83,10 +86,30 @@ def make_stem(in_channels: int, planes: int) -> nn.Sequential:
 
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs: three stages of n BasicBlocks at widths
-    16/32/64 (times ``width // 16``), global average pooling and a head."""
+    16/32/64 (times ``width // 16``), global average pooling and a head.
 
-    def __init__(self, depth: int = 32, num_classes: Optional[int] = None, in_channels: int = 3, width: int = 16):
+    Args:
+        variant: ``"he"`` (default): every block ends in a ReLU, convolutions
+            get Kaiming fan-out init (He et al.; torchvision's convention).
+            ``"icarl"``: iCaRL's ResNet-32 as in its original code and
+            Avalanche's ``make_icarl_net`` / ``initialize_icarl_net``: the last
+            block has no ReLU (the features, which herding and the nearest-mean
+            classifier read, can be negative), convolutions get Kaiming fan-in
+            init and the head Kaiming fan-in (sigmoid gain) with zero bias.
+    """
+
+    def __init__(
+        self,
+        depth: int = 32,
+        num_classes: Optional[int] = None,
+        in_channels: int = 3,
+        width: int = 16,
+        variant: str = "he",
+    ):
         super().__init__()
+        if variant not in ("he", "icarl"):
+            raise ValueError(f"CifarResNet: variant must be 'he' or 'icarl', got {variant!r}")
+        self.variant = variant
         if (depth - 2) % 6 != 0 or depth < 8:
             raise ValueError(f"CifarResNet: depth must be 6n+2 (8, 14, 20, 32, 44, 56, 110, ...), got {depth}")
         n = (depth - 2) // 6
@@ -94,12 +117,12 @@ class CifarResNet(nn.Module):
         self.stem = make_stem(in_channels, width)
         self.stage1 = make_stage(width, width, n, 1)
         self.stage2 = make_stage(width, 2 * width, n, 2)
-        self.stage3 = make_stage(2 * width, 4 * width, n, 2)
+        self.stage3 = make_stage(2 * width, 4 * width, n, 2, last_relu=variant == "he")
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.embedding = nn.Flatten()
         self.feature_dim = 4 * width
         self.head = make_head(self.feature_dim, num_classes)
-        _init_weights(self)
+        _init_weights(self, variant)
 
     def features(self, x: Tensor) -> Tensor:
         """The flat feature vector (the output of ``embedding``)."""
@@ -110,13 +133,22 @@ class CifarResNet(nn.Module):
         return self.head(self.features(x))
 
 
-def _init_weights(model: nn.Module) -> None:
+def _init_weights(model: nn.Module, variant: str = "he") -> None:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode="fan_out" if variant == "he" else "fan_in", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and variant == "icarl":
+            icarl_linear_init(m)
+
+
+def icarl_linear_init(layer: nn.Linear) -> None:
+    """iCaRL's classifier init: Kaiming fan-in with the sigmoid gain, zero bias."""
+    nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="sigmoid")
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 def cifar_resnet20(num_classes: Optional[int] = None, in_channels: int = 3) -> CifarResNet:
@@ -127,6 +159,12 @@ def cifar_resnet20(num_classes: Optional[int] = None, in_channels: int = 3) -> C
 def cifar_resnet32(num_classes: Optional[int] = None, in_channels: int = 3) -> CifarResNet:
     """ResNet-32 (0.46M parameters): the iCaRL / M2KD CIFAR-100 backbone."""
     return CifarResNet(32, num_classes, in_channels)
+
+
+def icarl_resnet32(num_classes: Optional[int] = None, in_channels: int = 3) -> CifarResNet:
+    """iCaRL's ResNet-32 (``variant="icarl"``): the backbone of the iCaRL
+    CIFAR-100 protocol (no ReLU after the last block, fan-in init)."""
+    return CifarResNet(32, num_classes, in_channels, variant="icarl")
 
 
 def cifar_resnet110(num_classes: Optional[int] = None, in_channels: int = 3) -> CifarResNet:
@@ -141,6 +179,8 @@ __all__ = [
     "cifar_resnet110",
     "cifar_resnet20",
     "cifar_resnet32",
+    "icarl_linear_init",
+    "icarl_resnet32",
     "make_head",
     "make_stage",
     "make_stem",

@@ -16,16 +16,34 @@ from torch.utils.data import DataLoader
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import check_batch, check_is_criterion, check_stream, experience_index
 from ..distributed import broadcast_module
-from ..losses import education_distillation_loss
-from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
+from ..losses import TeacherOutput, education_distillation_loss
+from ..precision import Precision, check_precision
+from ..teachers import GroupTeacher, TeacherSet
 
 TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+TEACHER_MILESTONES = (150 / 240, 180 / 240, 210 / 240)
+"""ED's teacher schedule [code]: the rate is multiplied by 0.1 at epochs 150,
+180 and 210 of 240, here as fractions of the teacher's epochs."""
 
 
 def default_teacher_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
     """SGD, lr 0.05, momentum 0.9, weight decay 5e-4: ED's teacher settings [code]."""
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+def teacher_milestones(epochs: int) -> List[int]:
+    """:data:`TEACHER_MILESTONES` for ``epochs`` epochs (rounded; those at 0 or
+    at the end are dropped): ``[150, 180, 210]`` for 240."""
+    return [m for m in (round(epochs * f) for f in TEACHER_MILESTONES) if 0 < m < epochs]
+
+
+def default_teacher_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """ED's step schedule [code], stepped once per teacher epoch: x0.1 at
+    :func:`teacher_milestones`."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, teacher_milestones(epochs), gamma=0.1)
 
 
 class StageSequentialLoader:
@@ -77,6 +95,12 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_optimizer: ``factory(params) -> Optimizer`` for teacher training.
             Default :func:`default_teacher_optimizer` [code].
         teacher_batch_size: default None = the strategy's batch size.
+        teacher_scheduler: ``factory(optimizer, epochs)`` returning the
+            learning-rate scheduler of teacher training, stepped once per epoch.
+            Default :func:`default_teacher_scheduler` [code]: x0.1 at 5/8, 3/4
+            and 7/8 of the epochs (150, 180, 210 of 240).
+        teacher_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the
+            precision of the teachers' forward passes while the student learns.
         alpha: weight of the cross-entropy. Default 0.3 [code]; 1 is plain
             cross-entropy (teachers are then neither trained nor run).
         temperature: default 4 [code].
@@ -107,6 +131,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_epochs: Optional[int] = None,
         teacher_optimizer: Optional[OptimizerFactory] = None,
         teacher_batch_size: Optional[int] = None,
+        teacher_scheduler: Optional[SchedulerFactory] = None,
+        teacher_precision: Precision = "fp32",
         alpha: float = 0.3,
         temperature: float = 4.0,
         revisit: Union[Literal["all"], int] = "all",
@@ -117,6 +143,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
     ):
         super().__init__()
         check_cache_mode("EducationDistillationPlugin", teacher_cache)
+        check_precision(teacher_precision, "EducationDistillationPlugin")
         if (teachers is None) == (teacher_factory is None):
             raise ValueError("EducationDistillationPlugin: give either teachers or teacher_factory (exactly one)")
         if not 0.0 <= alpha <= 1.0:
@@ -134,6 +161,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher_epochs = teacher_epochs
         self.teacher_optimizer = teacher_optimizer or default_teacher_optimizer
         self.teacher_batch_size = teacher_batch_size
+        self.teacher_scheduler = teacher_scheduler or default_teacher_scheduler
+        self.teacher_precision = teacher_precision
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.revisit = revisit
@@ -143,6 +172,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher_cache = teacher_cache
         self.stage_classes: List[List[int]] = []
         """Classes of each finished stage."""
+        self.teacher_lrs: List[List[float]] = []
+        """Per teacher the plugin trained, the learning rate of each epoch."""
         self.current_classes: List[int] = []
         self._finished_data: List = []  # each finished stage's training data (revisit="all")
         self._stage_data: List = []  # the parts trained on at the current stage, stage order
@@ -207,7 +238,9 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 self.teachers.append(self._train_teacher(strategy))
             self._check_teacher_width(strategy, self.teachers[s])
             cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset)
-            self._teacher_set = TeacherSet(self.teachers[: s + 1], cache=cache).to(strategy.device)
+            self._teacher_set = TeacherSet(self.teachers[: s + 1], cache=cache, precision=self.teacher_precision).to(
+                strategy.device
+            )
         self._rebuild_optimizer_if_grown(strategy, self._params_after_last_stage)
         if self.stage_epochs is not None:
             strategy.train_epochs = self.stage_epochs[min(s, len(self.stage_epochs) - 1)]
@@ -303,13 +336,17 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             collate_fn=getattr(data, "collate_fn", None),
         )
         epochs = self.teacher_epochs if self.teacher_epochs is not None else self._student_epochs(strategy)
+        scheduler = self.teacher_scheduler(optimizer, epochs)
+        self.teacher_lrs.append([])
         teacher.train()
         for _ in range(epochs):
+            self.teacher_lrs[-1].append(optimizer.param_groups[0]["lr"])
             for batch in loader:
                 x, y = batch[0].to(device), batch[1].to(device)
                 optimizer.zero_grad()
                 F.cross_entropy(teacher(x), lookup[y]).backward()
                 optimizer.step()
+            scheduler.step()
         broadcast_module(teacher)  # every rank distils from the same teacher (no-op in a single process)
         return GroupTeacher(teacher, classes, columns=range(len(classes)))
 

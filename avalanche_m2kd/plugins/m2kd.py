@@ -3,6 +3,7 @@ previous snapshot (Zhou et al., BMVC 2020)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
@@ -11,22 +12,36 @@ from avalanche.core import SupervisedPlugin
 from torch import Tensor, nn
 
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
-from .._experience import check_batch, check_is_criterion, check_model_accepts, check_stream, experience_index
-from ..distributed import average_batchnorm_statistics, sync_gradients
-from ..losses import (
-    cross_entropy_over,
-    distill_group_features,
-    distill_group_logits,
-    group_weights,
-    sigmoid_distillation_loss,
+from .._experience import (
+    check_batch,
+    check_finite_terms,
+    check_is_criterion,
+    check_model_accepts,
+    check_output_width,
+    check_stream,
+    stream_class_count,
 )
+from ..distributed import average_batchnorm_statistics
+from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights
+from ..precision import Precision, check_precision, scaler_skips_non_finite
 from ..snapshots import PackNetSnapshotStore, StoreKind, make_snapshot_store
-from ..taps import AUX_ATTRIBUTE, AuxiliaryHeads, FeatureTaps, feature_channels, resolve_modules
-from ..teachers import GroupTeacher, TeacherOutput, TeacherSet
+from ..taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads, resolve_modules
+from ..teachers import GroupTeacher, TeacherSet, draw_teachers
 
 TeacherMode = Literal["all", "last"]
-AuxMode = Literal["logits", "features"]
-LossForm = Literal["kl", "bce"]
+
+
+@dataclass
+class _Batch:
+    """What one training iteration needs between the plugin's hooks."""
+
+    model: nn.Module
+    seen: List[int]
+    outputs: List[TeacherOutput]
+    groups: List[List[int]]
+    weights: List[float]
+    features: List[Tensor] = field(default_factory=list)
+    terms: Optional[Dict[str, Tensor]] = None
 
 
 class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
@@ -49,7 +64,9 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
     include them) and are never used at inference.
 
     Total (``loss="kl"``): ``CE + aux_ce_weight * sum_l CE_l + mm_weight * L_MM
-    + aux_weight * L_AUX``, where CE is the strategy's criterion.
+    + aux_weight * L_AUX``, where CE is the strategy's criterion. The math
+    lives in :class:`~avalanche_m2kd.losses.M2KDLoss` (``plugin.objective``);
+    the plugin runs the teachers and calls it from Avalanche's hooks.
 
     With ``loss="bce"`` (iCaRL's form) the classification loss itself becomes a
     per-class sigmoid cross-entropy over the seen classes whose targets are one-hot
@@ -89,15 +106,27 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         prune_ratio: for ``packnet``, the fraction of free weights pruned (left
             free) after each experience; for ``sparse``, the fraction of each
             weight tensor dropped. Default 0.75 [ours] (PackNet's own setting).
-        post_prune_epochs: epochs of fine-tuning after ``packnet`` pruning, on
-            the experience's data with the same loss, training only the weights
-            the new snapshot keeps. Default 2 [ours]: on Split-Digits one epoch
-            after pruning 75% left the digits CNN at chance on its own classes,
-            two recovered it fully (measured); PackNet uses 10.
+        post_prune_epochs: epochs of fine-tuning after ``packnet`` pruning,
+            training only the weights the new snapshot keeps. They run through
+            the strategy's own training loop, so the data (replay included), the
+            loss (every plugin's terms included) and the hooks are those of the
+            experience. Default 2 [ours]: on Split-Digits one epoch after pruning
+            75% left the digits CNN at chance on its own classes, two recovered
+            it fully (measured); PackNet uses 10.
+        post_prune_lr: learning rate of that fine-tuning. Default None = the
+            rate of the experience's last epoch [ours] (PackNet fine-tunes at a
+            low rate; a scheduler plugin that resets the rate at the end of the
+            experience must not turn the fine-tune into a step at the base rate).
         loss: ``"kl"`` (softmax form, default [ours]: composes with any
             criterion and with Avalanche's LwF baseline) or ``"bce"`` (iCaRL's
             per-class sigmoid form, recommended without a large exemplar memory
             because a softmax head lets new classes crowd out old ones).
+        bce_classes: ``loss="bce"``: the number of outputs the sigmoid loss
+            averages over. Default None = the stream's number of classes, read
+            from the experience's benchmark [iCaRL]: iCaRL's classifier has one
+            output per class from the first step, so its learning rate (2.0)
+            assumes that scale; averaging over the seen columns of a growing head
+            would multiply every gradient by (stream classes / seen classes).
         head_layers: names of the classifier heads, stored per snapshot rather
             than pruned. Default: every ``IncrementalClassifier``, else the last
             ``nn.Linear``.
@@ -114,8 +143,17 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         teachers_per_batch: if set (``k``), each batch draws ``k`` snapshots with
             replacement, with probability ``w_k``, and weights each drawn one by
             its count over ``k``: the expected loss equals the full multi-model
-            loss, at ``k`` teacher forwards per batch. ``loss="kl"`` only.
+            loss, at ``k`` teacher forwards per batch (see
+            :func:`~avalanche_m2kd.teachers.draw_teachers`). ``loss="kl"`` only.
             Default None (every snapshot, every batch).
+        teacher_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the
+            precision of the snapshots' forward passes (their outputs come back in
+            float32). bf16 halves their cost on CPUs with bf16 units and GPUs.
+        check_batches: check every batch (finite inputs, labels inside the
+            head) instead of the first batch of each experience only. Default
+            False [ours]: each check reads values back from the device, a stall
+            per batch on a GPU; the data loaders of ``benchmarks`` check the
+            whole data set once before training.
     """
 
     def __init__(
@@ -131,66 +169,75 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         snapshot_store: StoreKind = "full",
         prune_ratio: float = 0.75,
         post_prune_epochs: int = 2,
+        post_prune_lr: Optional[float] = None,
         loss: LossForm = "kl",
+        bce_classes: Optional[int] = None,
         head_layers: Optional[Sequence[str]] = None,
         teacher_cache: CacheMode = "auto",
         batched_teachers: bool = False,
         teachers_per_batch: Optional[int] = None,
+        teacher_precision: Precision = "fp32",
+        check_batches: bool = False,
     ):
         super().__init__()
         check_cache_mode("M2KDPlugin", teacher_cache)
+        check_precision(teacher_precision, "M2KDPlugin")
+        try:
+            self.objective = M2KDLoss(loss, temperature, mm_weight, aux_weight, aux_ce_weight, aux, feature_distance)
+        except ValueError as err:
+            raise ValueError(str(err).replace("M2KDLoss: loss form", "M2KDPlugin: loss").replace("M2KDLoss", "M2KDPlugin")) from None
         if teachers_per_batch is not None:
             if teachers_per_batch < 1:
                 raise ValueError(f"M2KDPlugin: teachers_per_batch must be >= 1, got {teachers_per_batch}")
             if loss != "kl":
                 raise ValueError("M2KDPlugin: teachers_per_batch needs loss='kl' (with 'bce' teachers supply targets, not terms)")
-        if temperature <= 0:
-            raise ValueError(f"M2KDPlugin: temperature must be > 0, got {temperature}")
         if teachers not in ("all", "last"):
             raise ValueError(f"M2KDPlugin: teachers must be 'all' or 'last', got {teachers!r}")
-        if aux not in ("logits", "features"):
-            raise ValueError(f"M2KDPlugin: aux must be 'logits' or 'features', got {aux!r}")
-        if feature_distance not in ("mse", "attention"):
-            raise ValueError(f"M2KDPlugin: feature_distance must be 'mse' or 'attention', got {feature_distance!r}")
-        if loss not in ("kl", "bce"):
-            raise ValueError(f"M2KDPlugin: loss must be 'kl' or 'bce', got {loss!r}")
         if isinstance(aux_layers, str):
             aux_layers = (aux_layers,)
-        for name, value in (("mm_weight", mm_weight), ("aux_weight", aux_weight), ("aux_ce_weight", aux_ce_weight)):
-            if value < 0:
-                raise ValueError(f"M2KDPlugin: {name} must be >= 0, got {value}")
         if post_prune_epochs < 0:
             raise ValueError(f"M2KDPlugin: post_prune_epochs must be >= 0, got {post_prune_epochs}")
-        self.temperature = float(temperature)
-        self.mm_weight = float(mm_weight)
-        self.aux_weight = float(aux_weight)
-        self.aux_ce_weight = float(aux_ce_weight)
+        if post_prune_lr is not None and post_prune_lr <= 0:
+            raise ValueError(f"M2KDPlugin: post_prune_lr must be > 0, got {post_prune_lr}")
+        if bce_classes is not None and bce_classes < 1:
+            raise ValueError(f"M2KDPlugin: bce_classes must be >= 1, got {bce_classes}")
         self.teachers = teachers
         self.aux_layers = list(aux_layers)
-        self.aux = aux
-        self.feature_distance = feature_distance
-        self.loss = loss
         self.post_prune_epochs = int(post_prune_epochs)
+        self.post_prune_lr = post_prune_lr
+        self.bce_classes = bce_classes
         self.teacher_cache = teacher_cache
         self.batched_teachers = bool(batched_teachers)
         self.teachers_per_batch = teachers_per_batch
+        self.teacher_precision = teacher_precision
+        self.check_batches = bool(check_batches)
         self.snapshots = make_snapshot_store(snapshot_store, prune_ratio, head_layers)
         self.groups: List[List[int]] = []
         """Classes introduced by each finished experience (``C_1, C_2, ...``)."""
         self.current_classes: List[int] = []
         self.last_terms: Dict[str, Tensor] = {}
         """Unweighted loss terms of the last training iteration (detached)."""
+        self._stream_classes: Optional[int] = None
         self._teacher_set: Optional[TeacherSet] = None
-        self._teacher_groups: List[List[int]] = []
         self._taps: Optional[FeatureTaps] = None
         self._taps_model: Optional[nn.Module] = None
-        self._features: List[Tensor] = []
-        self._outputs: Optional[List[TeacherOutput]] = None
-        self._batch_groups: List[List[int]] = []
-        self._batch_weights: List[float] = []
-        self._width_checked = False
+        self._batch: Optional[_Batch] = None
+        self._checked_this_experience = False
+        self._epoch_lrs: List[float] = []
 
-    # -- configuration helpers -----------------------------------------------------
+    # -- configuration ---------------------------------------------------------------
+    @property
+    def loss(self) -> LossForm:
+        return self.objective.form
+
+    @property
+    def temperature(self) -> float:
+        return self.objective.temperature
+
+    @property
+    def aux(self) -> AuxMode:
+        return self.objective.aux
+
     @property
     def teacher_set(self) -> Optional[TeacherSet]:
         """The frozen teachers rebuilt for the experience being trained (None
@@ -212,21 +259,29 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         return sorted({c for g in self.groups for c in g})
 
     def config(self) -> dict:
-        """The constructor arguments (for result files and checkpoints)."""
+        """Every constructor argument (for result files and checkpoints)."""
+        o = self.objective
         return {
-            "temperature": self.temperature,
-            "mm_weight": self.mm_weight,
-            "aux_weight": self.aux_weight,
-            "aux_ce_weight": self.aux_ce_weight,
+            "temperature": o.temperature,
+            "mm_weight": o.mm_weight,
+            "aux_weight": o.aux_weight,
+            "aux_ce_weight": o.aux_ce_weight,
             "teachers": self.teachers,
             "aux_layers": list(self.aux_layers),
-            "aux": self.aux,
-            "feature_distance": self.feature_distance,
+            "aux": o.aux,
+            "feature_distance": o.feature_distance,
             "snapshot_store": self.snapshots.kind,
             "prune_ratio": getattr(self.snapshots, "prune_ratio", None),
             "post_prune_epochs": self.post_prune_epochs,
-            "loss": self.loss,
+            "post_prune_lr": self.post_prune_lr,
+            "loss": o.form,
+            "bce_classes": self.bce_classes,
             "head_layers": self.snapshots.head_layers,
+            "teacher_cache": self.teacher_cache,
+            "batched_teachers": self.batched_teachers,
+            "teachers_per_batch": self.teachers_per_batch,
+            "teacher_precision": self.teacher_precision,
+            "check_batches": self.check_batches,
         }
 
     # -- model preparation ---------------------------------------------------------
@@ -239,12 +294,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         outside a strategy.
         """
         resolve_modules(model, self.aux_layers)
-        if self.uses_aux_heads and not hasattr(model, AUX_ATTRIBUTE):
-            device = next(model.parameters()).device
-            if example.dim() in (1, 3):
-                example = example.unsqueeze(0)
-            channels = feature_channels(model, self.aux_layers, example[:1].to(device))
-            model.add_module(AUX_ATTRIBUTE, AuxiliaryHeads(self.aux_layers, channels).to(device))
+        if self.uses_aux_heads:
+            attach_auxiliary_heads(model, self.aux_layers, example)
         self.snapshots.bind(model)
 
     def _student_taps(self, model: nn.Module) -> Optional[FeatureTaps]:
@@ -255,119 +306,74 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             self._taps_model = model
         return self._taps
 
-    def _student_forward(self, model: nn.Module, x: Tensor) -> tuple[Tensor, List[Tensor]]:
-        """The model's logits and its tapped features (outside the strategy's forward)."""
-        taps = self._student_taps(model)
-        if taps is None:
-            return model(x), []
-        with taps:
-            logits = model(x)
-            return logits, taps.features()
+    def teacher_groups(self) -> List[List[int]]:
+        """The class group each teacher of the next experience owns."""
+        if len(self.snapshots) == 0:
+            return []
+        if self.teachers == "all":
+            return [list(g) for g in self.groups]
+        return [self._seen_before()]
 
-    def _build_teachers(self, device: torch.device | str, cache: bool = False) -> Optional[TeacherSet]:
+    def build_teachers(self, device: torch.device | str = "cpu", cache: bool = False) -> Optional[TeacherSet]:
+        """The frozen teachers of the next experience, rebuilt from the snapshot
+        store (None before the first snapshot): every snapshot owning its
+        group, or the last one owning every old class (``teachers="last"``)."""
         n = len(self.snapshots)
         if n == 0:
-            self._teacher_groups = []
             return None
-        if self.teachers == "all":
-            indices, groups = list(range(n)), [list(g) for g in self.groups]
-        else:
-            indices, groups = [n - 1], [self._seen_before()]
-        self._teacher_groups = groups
+        indices = list(range(n)) if self.teachers == "all" else [n - 1]
         modules = [self.snapshots.teacher(k, device) for k in indices]
         return TeacherSet(
-            [GroupTeacher(m, g) for m, g in zip(modules, groups)],
+            [GroupTeacher(m, g) for m, g in zip(modules, self.teacher_groups())],
             feature_layers=self.aux_layers,
             aux_logits=self.uses_aux_heads,
             batched=self.batched_teachers,
             cache=cache,
+            precision=self.teacher_precision,
         ).to(device)
 
-    def _run_teachers(self, x: Tensor) -> List[TeacherOutput]:
-        """All teachers, or a weighted sample of them (``teachers_per_batch``);
-        sets the groups and weights the loss uses for this batch."""
-        teacher_set = self._teacher_set
+    def _run_teachers(self, teacher_set: Optional[TeacherSet], x: Tensor) -> tuple:
+        """Outputs, groups and weights of the teachers this batch uses."""
         if teacher_set is None:
-            self._batch_groups, self._batch_weights = [], []
-            return []
-        groups = self._teacher_groups
-        weights = group_weights(groups)
-        k = self.teachers_per_batch
-        if k is None or len(groups) <= 1:
-            self._batch_groups, self._batch_weights = groups, weights
-            return teacher_set.run_all(x)
-        draws = torch.multinomial(torch.tensor(weights), k, replacement=True)
-        counts = torch.bincount(draws, minlength=len(groups))
-        chosen = [j for j in range(len(groups)) if counts[j] > 0]
-        # E[count_j / k] = w_j: the weighted sum of the chosen terms is unbiased
-        self._batch_groups = [groups[j] for j in chosen]
-        self._batch_weights = [float(counts[j]) / k for j in chosen]
-        return teacher_set.run_all(x, chosen)
+            return [], [], []
+        groups = teacher_set.groups
+        chosen, weights = draw_teachers(group_weights(groups), self.teachers_per_batch)
+        return teacher_set.run_all(x, chosen), [groups[j] for j in chosen], weights
 
-    # -- the loss --------------------------------------------------------------------
-    def loss_terms(
-        self,
-        model: nn.Module,
-        logits: Tensor,
-        targets: Tensor,
-        features: Sequence[Tensor],
-        teacher_outputs: Sequence[TeacherOutput],
-    ) -> Dict[str, Tensor]:
-        """The unweighted terms added to the strategy's loss.
-
-        ``aux_ce`` (auxiliary heads' cross-entropy over the seen classes),
-        ``mm`` (multi-model distillation) and ``aux_kd`` (auxiliary
-        distillation), each present only when it applies. With ``loss="bce"``
-        the auxiliary term is ``aux_bce`` (the classification loss itself comes
-        from :meth:`__call__`).
-        """
-        terms: Dict[str, Tensor] = {}
-        seen = self.seen_classes(torch.unique(targets).tolist())
-        groups = self._batch_groups if teacher_outputs else []
-        weights = self._batch_weights if teacher_outputs else []
-        aux_logits = getattr(model, AUX_ATTRIBUTE)(features) if self.uses_aux_heads else []
-        if self.loss == "bce":
-            if aux_logits:
-                terms["aux_bce"] = sum(
-                    sigmoid_distillation_loss(a, targets, seen, [o.aux_logits[i] for o in teacher_outputs], groups)
-                    for i, a in enumerate(aux_logits)
-                )
-            return terms
-        if aux_logits:
-            terms["aux_ce"] = sum(cross_entropy_over(a, targets, seen) for a in aux_logits)
-        if not teacher_outputs:
-            return terms
-        terms["mm"] = distill_group_logits(logits, [o.logits for o in teacher_outputs], groups, self.temperature, weights)
-        if self.aux_layers and self.aux == "logits":
-            terms["aux_kd"] = sum(
-                distill_group_logits(a, [o.aux_logits[i] for o in teacher_outputs], groups, self.temperature, weights)
-                for i, a in enumerate(aux_logits)
+    def _n_outputs(self) -> Optional[int]:
+        if self.loss != "bce":
+            return None
+        n = self.bce_classes or self._stream_classes
+        if n is None:
+            raise ValueError(
+                "M2KDPlugin(loss='bce'): the number of classes of the stream is unknown (the experience has no "
+                "benchmark to read it from); pass bce_classes=N"
             )
-        elif self.aux_layers:
-            terms["aux_kd"] = sum(
-                distill_group_features(f, [o.features[i] for o in teacher_outputs], weights, self.feature_distance)
-                for i, f in enumerate(features)
+        return n
+
+    def _terms(self, batch: _Batch, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
+        if batch.terms is None:
+            aux_logits = getattr(batch.model, AUX_ATTRIBUTE)(batch.features) if self.uses_aux_heads else []
+            batch.terms = self.objective.terms(
+                logits,
+                targets,
+                batch.seen,
+                batch.outputs,
+                batch.groups,
+                batch.weights,
+                aux_logits=aux_logits,
+                features=batch.features if self.aux == "features" else (),
+                n_outputs=self._n_outputs(),
             )
-        return terms
+        return batch.terms
 
-    def weighted_sum(self, terms: Dict[str, Tensor]) -> Tensor | float:
-        """``aux_ce_weight * aux_ce + mm_weight * mm + aux_weight * (aux_kd | aux_bce)``."""
-        weights = {"aux_ce": self.aux_ce_weight, "mm": self.mm_weight, "aux_kd": self.aux_weight, "aux_bce": self.aux_weight}
-        return sum((weights[k] * v for k, v in terms.items()), 0.0)
-
-    def classification_loss(self, logits: Tensor, targets: Tensor, teacher_outputs: Sequence[TeacherOutput]) -> Tensor:
-        """``loss="bce"``: iCaRL's per-class sigmoid loss over the seen classes,
-        old-class targets from the snapshot that learned each class."""
-        seen = self.seen_classes(torch.unique(targets).tolist())
-        groups = self._batch_groups if teacher_outputs else []
-        return sigmoid_distillation_loss(logits, targets, seen, [o.logits for o in teacher_outputs], groups)
-
+    # -- the loss outside a strategy ----------------------------------------------------------
     def compute_losses(
         self, model: nn.Module, x: Tensor, y: Tensor, current_classes: Optional[Sequence[int]] = None
     ) -> Dict[str, Tensor]:
-        """Forward ``model`` on ``(x, y)`` and return the plugin's loss terms
-        (see :meth:`loss_terms`), plus ``"classification"`` for ``loss="bce"``
-        and ``"total"`` (their weighted sum, without the strategy's CE).
+        """Forward ``model`` on ``(x, y)`` and return :class:`M2KDLoss`'s terms
+        plus ``"total"`` (their weighted sum, without the strategy's
+        cross-entropy in the softmax form).
 
         ``current_classes``: the classes of the experience the batch comes from
         (outside training the plugin otherwise knows only the batch's labels).
@@ -377,33 +383,30 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if current_classes is not None:
             self.current_classes = sorted(int(c) for c in current_classes)
         self.prepare_model(model, x[:1])
-        training = self._teacher_set is not None
-        if not training:
-            self._teacher_set = self._build_teachers(x.device)
-        try:
-            logits, features = self._student_forward(model, x)
-            outputs = self._run_teachers(x)
-        finally:
-            if not training:
-                self._teacher_set = None
-        terms = self.loss_terms(model, logits, y, features, outputs)
-        total = self.weighted_sum(terms)
-        if self.loss == "bce":
-            terms["classification"] = self.classification_loss(logits, y, outputs)
-            total = total + terms["classification"]
-        terms["total"] = total if isinstance(total, Tensor) else logits.new_tensor(total)
+        teacher_set = self._teacher_set or self.build_teachers(x.device)
+        taps = self._student_taps(model)
+        if taps is None:
+            logits, features = model(x), []
+        else:
+            with taps:
+                logits = model(x)
+                features = taps.features()
+        outputs, groups, weights = self._run_teachers(teacher_set, x)
+        batch = _Batch(model, self.seen_classes(torch.unique(y).tolist()), outputs, groups, weights, features)
+        terms = dict(self._terms(batch, logits, y))
+        terms["total"] = self.objective.total(terms) if terms else logits.new_zeros(())
         return terms
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The criterion for ``loss="bce"`` (pass the plugin as ``criterion``).
 
-        During training it uses the teacher outputs of the current batch; in
-        evaluation it is the plain one-hot sigmoid loss over all outputs.
+        During training: the ``classification`` term of the current batch; in
+        evaluation, the plain one-hot sigmoid loss over all outputs.
         """
-        if self._outputs is None:
+        if self._batch is None:
             one_hot = F.one_hot(targets.long(), logits.shape[1]).to(logits.dtype)
             return F.binary_cross_entropy_with_logits(logits, one_hot)
-        return self.classification_loss(logits, targets, self._outputs)
+        return self._terms(self._batch, logits, targets)["classification"]
 
     # -- Avalanche hooks ---------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
@@ -413,6 +416,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
     def before_train_dataset_adaptation(self, strategy, **kwargs):
         experience = strategy.experience
         self.current_classes = check_stream("M2KDPlugin", strategy, self._seen_before())
+        if self.loss == "bce" and self.bce_classes is None:
+            self._stream_classes = stream_class_count(experience) or self._stream_classes
         example = torch.as_tensor(experience.dataset.eval()[0][0])
         if not self.groups:  # once: the model accepts the stream's inputs
             check_model_accepts("M2KDPlugin", strategy.model, example.to(next(strategy.model.parameters()).device), experience)
@@ -423,37 +428,45 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         cache = len(self.snapshots) > 0 and decide_cache(
             "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
         )
-        self._teacher_set = self._build_teachers(strategy.device, cache=cache)
-        self._width_checked = False
+        self._teacher_set = self.build_teachers(strategy.device, cache=cache)
+        self._checked_this_experience = False
 
     def before_training_epoch(self, strategy, **kwargs):
         start_epoch(self._teacher_set)
+        self._epoch_lrs = [g["lr"] for g in strategy.optimizer.param_groups]
 
     def after_training_epoch(self, strategy, **kwargs):
         end_epoch("M2KDPlugin", self.teacher_cache, self._teacher_set, strategy.clock.train_exp_epochs)
 
     def before_forward(self, strategy, **kwargs):
-        check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, 2**62)
         taps = self._student_taps(strategy.model)
         if taps is not None:
             taps.attach()
 
     def after_forward(self, strategy, **kwargs):
+        features: List[Tensor] = []
         if self._taps is not None:
             self._taps.detach()
-            self._features = self._taps.features()
-        if not self._width_checked:
-            self._check_width(strategy)
-        self._outputs = self._run_teachers(strategy.mb_x)
+            features = [f.float() for f in self._taps.features()]  # bf16 under autocast
+        if not self._checked_this_experience:
+            check_output_width("M2KDPlugin", strategy, max(self.seen_classes()) + 1)
+            self._checked_this_experience = True
+        elif self.check_batches:
+            check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
+        outputs, groups, weights = self._run_teachers(self._teacher_set, strategy.mb_x)
+        self._batch = _Batch(strategy.model, self.seen_classes(), outputs, groups, weights, features)
 
     def before_backward(self, strategy, **kwargs):
-        outputs = self._outputs or []
-        terms = self.loss_terms(strategy.model, strategy.mb_output, strategy.mb_y, self._features, outputs)
-        self._check_finite(terms, strategy)
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        terms = self._terms(batch, strategy.mb_output, strategy.mb_y)
+        if not scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps
+            check_finite_terms("M2KDPlugin", terms, strategy.experience)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
-        strategy.loss += self.weighted_sum(terms)
-        self._features = []
-        self._outputs = None
+        extra = [k for k in terms if k != "classification"]
+        if extra:
+            strategy.loss += self.objective.total(terms, exclude=("classification",))
 
     def before_update(self, strategy, **kwargs):
         self.snapshots.before_update(strategy.model)
@@ -470,59 +483,30 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self.groups.append(list(self.current_classes))
         self.current_classes = []
         self._teacher_set = None
-        self._outputs = None
+        self._batch = None
 
     # -- internals ------------------------------------------------------------------------
-    def _check_width(self, strategy) -> None:
-        width = strategy.mb_output.shape[-1]
-        needed = max(self.seen_classes()) + 1
-        if width < needed:
-            raise ValueError(
-                f"M2KDPlugin: the model outputs {width} logits but experience "
-                f"{experience_index(strategy.experience)} needs class ids up to {needed - 1}; "
-                f"give the model a head with at least {needed} outputs, or use "
-                "avalanche.models.IncrementalClassifier, which grows with the classes."
-            )
-        check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, width)
-        self._width_checked = True
-
-    def _check_finite(self, terms: Dict[str, Tensor], strategy) -> None:
-        for name, value in terms.items():
-            if not bool(torch.isfinite(value)):
-                raise FloatingPointError(
-                    f"M2KDPlugin: the {name} loss term is {float(value)} at training experience "
-                    f"{experience_index(strategy.experience)}; check the inputs for NaN/inf and lower the "
-                    "learning rate."
-                )
-
     def _finetune_after_pruning(self, strategy) -> None:
         """PackNet's post-pruning fine-tuning: only the weights the new
-        snapshot keeps are trained, with the experience's data and loss."""
+        snapshot keeps are trained, through the strategy's own training loop
+        (its data, every plugin's loss terms and hooks), at ``post_prune_lr``."""
         store = self.snapshots
         assert isinstance(store, PackNetSnapshotStore)
-        model, optimizer, device = strategy.model, strategy.optimizer, strategy.device
+        optimizer = strategy.optimizer
+        saved = [g["lr"] for g in optimizer.param_groups]
+        rates = [self.post_prune_lr] * len(saved) if self.post_prune_lr is not None else (self._epoch_lrs or saved)
+        for group, lr in zip(optimizer.param_groups, rates):
+            group["lr"] = lr
         store.begin_finetune()
-        model.train()
+        strategy.model.train()
         try:
             for _ in range(self.post_prune_epochs):
-                for batch in strategy.dataloader:
-                    x, y = batch[0].to(device), batch[1].to(device)
-                    optimizer.zero_grad()
-                    logits, features = self._student_forward(model, x)
-                    outputs = self._run_teachers(x)
-                    if self.loss == "bce":
-                        loss = self.classification_loss(logits, y, outputs)
-                    else:
-                        loss = strategy._criterion(logits, y)
-                    loss = loss + self.weighted_sum(self.loss_terms(model, logits, y, features, outputs))
-                    loss.backward()
-                    sync_gradients(model)  # no-op in a single process
-                    store.before_update(model)
-                    optimizer.step()
-                    store.after_update(model)
+                strategy.training_epoch()
         finally:
             store.end_finetune()
-        average_batchnorm_statistics(model)  # ranks fine-tuned on different shards (no-op in one process)
+            for group, lr in zip(optimizer.param_groups, saved):
+                group["lr"] = lr
+        average_batchnorm_statistics(strategy.model)  # ranks fine-tuned on different shards (no-op in one process)
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -533,6 +517,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "format": "avalanche_m2kd.M2KDPlugin/1",
             "config": self.config(),
             "groups": [list(g) for g in self.groups],
+            "stream_classes": self._stream_classes,
             "snapshots": self.snapshots.state_dict(),
         }
 
@@ -544,6 +529,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             diff = {k: (v, self.config().get(k)) for k, v in state["config"].items() if self.config().get(k) != v}
             raise ValueError(f"M2KDPlugin state was saved with another configuration (saved, current): {diff}")
         self.groups = [list(g) for g in state["groups"]]
+        self._stream_classes = state.get("stream_classes")
         self.snapshots.load_state_dict(state["snapshots"])
         self._teacher_set = None
 

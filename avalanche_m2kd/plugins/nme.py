@@ -87,7 +87,7 @@ class NMEClassifierPlugin(SupervisedPlugin, supports_distributed=True):
     def after_eval_forward(self, strategy, **kwargs):
         if self.class_means and self._taps is not None:
             self._taps.detach()
-            features = self._taps.features()[0]
+            features = self._taps.features()[0].float()  # bf16 under mixed precision
             strategy.mb_output = self.scores(features, strategy.mb_output.shape[1])
 
 
