@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test test-kernels clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The tests that train models, again with torch's AVX2 kernels: another CPU
+# picks other float kernels, and nothing may depend on which (CI runs this too).
+test-kernels: $(STAMP)
+	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -m "training and not slow"
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -101,13 +101,19 @@ def check_model_accepts(owner: str, model: nn.Module, example: Tensor, experienc
 
 
 def stream_class_count(experience) -> Optional[int]:
-    """The number of classes of the whole stream an experience belongs to
-    (``benchmark.n_classes``), or None where the experience does not say."""
+    """The number of classes of the whole stream an experience belongs to:
+    ``benchmark.n_classes`` (``nc_benchmark``), else the classes seen so far
+    plus the future ones (``class_incremental_benchmark``); None where the
+    experience tells neither."""
     for owner in (getattr(experience, "benchmark", None), getattr(getattr(experience, "origin_stream", None), "benchmark", None)):
         n = getattr(owner, "n_classes", None)
         if isinstance(n, int) and n > 0:
             return n
-    return None
+    try:
+        classes = set(experience.classes_seen_so_far) | set(experience.future_classes)
+    except (AttributeError, TypeError, RuntimeError):  # masked or absent attributes
+        return None
+    return len(classes) or None
 
 
 def check_output_width(owner: str, strategy, needed: int) -> None:
@@ -132,6 +138,6 @@ def check_finite_terms(owner: str, terms: Dict[str, Tensor], experience) -> None
     for name, value in terms.items():
         if not bool(torch.isfinite(value)):
             raise FloatingPointError(
-                f"{owner}: the {name} loss term is {float(value)} at training experience "
+                f"{owner}: the {name} loss term is {float(value.detach())} at training experience "
                 f"{experience_index(experience)}; check the inputs for NaN/inf and lower the learning rate."
             )

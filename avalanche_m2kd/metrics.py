@@ -118,7 +118,9 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
     ``IncrementalAccuracy/old``, ``IncrementalAccuracy/new``,
     ``IncrementalForgetting`` and ``IncrementalBWT``. The matrix itself is
     ``metric.matrix()`` (and ``metric.sizes()``, the test-set sizes).
-    Evaluations before the first training experience are ignored. Under
+    Evaluations before the first training experience are ignored; periodic
+    evaluations during experience ``i`` (``eval_every > 0``) fill row ``i``,
+    and the evaluation after it replaces them. Under
     ``torch.distributed`` the counts are summed over ranks (each rank having
     evaluated a shard, see :class:`~avalanche_m2kd.distributed.DataParallelSync`).
     """
@@ -128,6 +130,7 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
         self._counts: Dict[tuple[int, int], List[int]] = defaultdict(lambda: [0, 0])
         self._sizes: Dict[int, int] = {}
         self._row = -1
+        self._training_row: Optional[int] = None
 
     def reset(self) -> None:
         self._counts.clear()
@@ -153,8 +156,15 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
             return {}
         return summarize(m, self.sizes()[: m.shape[0]])
 
+    def before_training_exp(self, strategy) -> None:
+        self._training_row = strategy.clock.train_exp_counter
+
     def before_eval(self, strategy) -> None:
+        # Periodic evaluations (eval_every >= 0) run inside training experience i,
+        # some before Avalanche's clock has counted it: they belong to row i, not i - 1.
         self._row = strategy.clock.train_exp_counter - 1
+        if self._training_row is not None:
+            self._row = max(self._row, self._training_row)
 
     def after_eval_iteration(self, strategy) -> None:
         if self._row < 0:

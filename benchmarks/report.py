@@ -73,6 +73,64 @@ def aggregate(runs: List[dict]) -> Dict[str, Dict[str, dict]]:
     return out
 
 
+CLAIMS = [
+    ("m2kd", "naive"),
+    ("m2kd", "lwf"),
+    ("m2kd", "m2kd-last"),
+    ("m2kd", "m2kd-noaux"),
+    ("m2kd-icarl", "icarl"),
+    ("m2kd-icarl", "m2kd-icarl-last"),
+    ("m2kd-icarl-last", "icarl"),
+    ("m2kd-bce", "lwf"),
+    ("m2kd-bce", "m2kd-bce-last"),
+]
+"""(method, baseline) pairs whose per-seed differences the report shows when both ran."""
+PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")
+
+
+def paired_differences(runs: List[dict], pairs=CLAIMS, metrics=PAIRED_METRICS) -> List[dict]:
+    """For each pair of strategies that both ran on some seeds: per seed,
+    ``metric(method) - metric(baseline)`` on the same seed; their mean, sample
+    std, and how many seeds the method won."""
+    table = {(r["strategy"], r["seed"]): run_scalars(r) for r in runs}
+    out = []
+    for method, baseline in pairs:
+        seeds = sorted(s for (n, s) in table if n == method and (baseline, s) in table)
+        if not seeds:
+            continue
+        row = {"method": method, "baseline": baseline, "seeds": seeds}
+        for key in metrics:
+            diffs = [table[(method, s)][key] - table[(baseline, s)][key] for s in seeds]
+            row[key] = {
+                "per_seed": diffs,
+                "mean": float(np.mean(diffs)),
+                "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                "wins": sum(d > 0 for d in diffs),
+            }
+        out.append(row)
+    return out
+
+
+def paired_markdown(rows: List[dict]) -> str:
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "Paired differences on the same seeds (method minus baseline, percentage points; per seed, then mean ± std, wins):",
+        "",
+        "| Method | Baseline | Seeds | Avg. incremental acc. | Last acc. |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = []
+        for key in PAIRED_METRICS:
+            d = r[key]
+            per = ", ".join(f"{v * 100:+.1f}" for v in d["per_seed"])
+            cells.append(f"{per} → {d['mean'] * 100:+.1f} ± {d['std'] * 100:.1f} ({d['wins']}/{len(r['seeds'])})")
+        lines.append(f"| {r['method']} | {r['baseline']} | {', '.join(map(str, r['seeds']))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(stat: dict, percent: bool = True) -> str:
     if stat["mean"] is None:
         return "n/a"
@@ -201,10 +259,11 @@ def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bo
     """results.json (with the aggregated summary), results.csv, summary.md, plots."""
     runs = document["runs"]
     document["summary"] = aggregate(runs) if runs else {}
+    document["paired"] = paired_differences(runs) if runs else []
     write_atomic(out / "results.json", json.dumps(document, indent=1))
     if not runs:
         return
     write_csv(out / "results.csv", runs)
-    write_atomic(out / "summary.md", summary_markdown(document["summary"], title, notes))
+    write_atomic(out / "summary.md", summary_markdown(document["summary"], title, notes) + paired_markdown(document["paired"]))
     if plots:
         write_plots(out, runs)

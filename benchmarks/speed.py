@@ -29,6 +29,9 @@ MODES = {
     "naive": "Naive (Avalanche), random crop + flip",
     "lwf": "LwF (Avalanche), random crop + flip",
     "m2kd-loop": "M2KD, exact, teachers in a Python loop, random crop + flip",
+    "m2kd-bf16-teachers": "M2KD, exact, loop, teachers in bf16 (student in fp32), random crop + flip",
+    "naive-bf16": "Naive with bf16 forward passes (MixedPrecisionPlugin), random crop + flip",
+    "m2kd-bf16": "M2KD, exact, loop, student and teachers in bf16, random crop + flip",
     "m2kd-batched": "M2KD, exact, batched teachers (vmap), random crop + flip",
     "m2kd-sampled1": "M2KD, teachers_per_batch=1, random crop + flip",
     "m2kd-packnet": "M2KD, packnet snapshots, loop, random crop + flip",
@@ -57,6 +60,7 @@ def worker(spec: dict) -> dict:
     from avalanche.training.plugins import EvaluationPlugin
 
     from avalanche_m2kd import M2KD, EducationDistillation, models
+    from avalanche_m2kd.precision import MixedPrecisionPlugin
     from benchmarks.harness import IterationTimer, synthetic_split_cifar
 
     torch.manual_seed(0)
@@ -76,7 +80,8 @@ def worker(spec: dict) -> dict:
     name = spec["model"]
     model = models.create(name, in_channels=channels)
     opt = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    common = dict(train_mb_size=batch, train_epochs=1, eval_mb_size=batch, evaluator=evaluator, plugins=[timer])
+    plugins = [MixedPrecisionPlugin("bf16"), timer] if mode.endswith("-bf16") else [timer]
+    common = dict(train_mb_size=batch, train_epochs=1, eval_mb_size=batch, evaluator=evaluator, plugins=plugins)
     aux = tuple(models.DEFAULT_AUX_LAYERS[name])
     if mode.startswith("naive"):
         strategy = Naive(model=model, optimizer=opt(model.parameters()), **common)
@@ -87,6 +92,8 @@ def worker(spec: dict) -> dict:
         kw = dict(aux_layers=aux, teacher_cache="off")
         if mode == "m2kd-batched":
             kw["batched_teachers"] = True
+        elif mode in ("m2kd-bf16-teachers", "m2kd-bf16"):
+            kw["teacher_precision"] = "bf16"
         elif mode == "m2kd-sampled1":
             kw["teachers_per_batch"] = 1
         elif mode == "m2kd-packnet":

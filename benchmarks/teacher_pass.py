@@ -63,7 +63,7 @@ def profile(model_name: str, snapshots: int, batch: int, repeats: int, aux: bool
     for k in range(snapshots):
         plugin.snapshots.add(model)
         plugin.groups.append([2 * k, 2 * k + 1])
-    teacher_set = plugin._build_teachers("cpu")
+    teacher_set = plugin.build_teachers("cpu")
     weights = group_weights(plugin.groups)
     with torch.no_grad():
         outputs = teacher_set.run_all(x)
@@ -99,6 +99,9 @@ def profile(model_name: str, snapshots: int, batch: int, repeats: int, aux: bool
         "model": model_name,
         "aux_heads": aux,
         "snapshots": snapshots,
+        "teachers_run": len(outputs),
+        "teacher_output_widths": [o.logits.shape[1] for o in outputs],
+        "repeats": len(times["plain"]),
         "batch": batch,
         "plain_forwards_s": plain,
         "teacher_pass_s": teachers,

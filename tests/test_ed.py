@@ -2,7 +2,6 @@
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from avalanche.core import SupervisedPlugin
@@ -14,7 +13,7 @@ from avalanche_m2kd.datasets import split_digits
 from avalanche_m2kd.losses import education_distillation_loss
 from avalanche_m2kd.models import ed_resnet20, ed_small, ed_wrn16_2, load_student_state
 
-from helpers import quiet_evaluator, seed_everything, stream_acc, train_and_eval
+from helpers import quiet_evaluator
 
 
 @pytest.fixture(scope="module")
@@ -249,18 +248,3 @@ def test_given_teachers_are_used_without_training(digits3):
         strategy.train(exp)
     for t, state in zip(teachers, before):
         assert all(torch.equal(v, t.module.state_dict()[k]) for k, v in state.items())
-
-
-def test_ed_beats_the_same_student_with_cross_entropy_alone(digits3):
-    """Item 6: 3 stages of Split-Digits, seeds 0-2, same student and data
-    (every earlier stage revisited), 5 epochs; alpha = 1 is cross-entropy alone.
-    Measured: ED 0.979, cross-entropy 0.962 (ED wins on each seed)."""
-
-    def final_acc(alpha, seed):
-        seed_everything(seed)
-        student = ed_small(1, 8)
-        return stream_acc(train_and_eval(ed_strategy(student, alpha=alpha, epochs=5), digits3))
-
-    ed = np.mean([final_acc(0.3, s) for s in (0, 1, 2)])
-    ce = np.mean([final_acc(1.0, s) for s in (0, 1, 2)])
-    assert ed > ce + 0.005, (ed, ce)

@@ -13,7 +13,10 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import torch.nn.functional as F
+
 from avalanche_m2kd import M2KD, M2KDPlugin
+from avalanche_m2kd.losses import M2KDLoss, TeacherOutput
 from avalanche_m2kd.datasets import make_benchmark
 from avalanche_m2kd.exemplars import icarl_herding_order
 from avalanche_m2kd.models import digits_cnn
@@ -22,49 +25,102 @@ from avalanche_m2kd.plugins.nme import UNSEEN_SCORE
 from helpers import quiet_evaluator, synthetic_arrays, synthetic_stream, train_and_eval, stream_acc
 
 
-def first_experience(plugin, model, bm):
-    strategy = SupervisedTemplate(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        criterion=plugin,
-        train_mb_size=16,
-        plugins=[plugin],
-        evaluator=quiet_evaluator(),
-    )
-    strategy.train(bm.train_stream[0])
-    return strategy
+ORDER = [int(c) for c in torch.randperm(100, generator=torch.Generator().manual_seed(1993))]
+C1, C2 = ORDER[:10], ORDER[10:20]
 
 
-def test_bce_with_one_previous_experience_all_equals_last_equals_avalanche_icarl():
+def icarl_reference(logits, y, old_logits=None, old_classes=()):
+    """Avalanche's ICaRLLossPlugin on logits over all 100 classes."""
+    icarl = ICaRLLossPlugin()
+    icarl.old_classes = list(old_classes)
+    icarl.old_logits = old_logits
+    return icarl(logits, y)
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_sigmoid_loss_and_gradient_equal_icarl_loss_plugin_on_100_classes(step):
+    """Issue 13.1: iCaRL averages its sigmoid loss over all 100 outputs of a
+    fixed classifier. Ours, given n_outputs=100, gives the same loss on a
+    100-wide head and the same gradient on the seen columns of a growing one
+    (averaging over the seen columns alone made it 10x larger at step 1)."""
+    g = torch.Generator().manual_seed(step)
+    seen = C1 if step == 1 else C1 + C2
+    y = torch.tensor(C1 if step == 1 else C2)[torch.randint(0, 10, (16,), generator=g)]
+    logits = (3 * torch.randn(16, 100, generator=g)).requires_grad_()
+    old = 3 * torch.randn(16, 100, generator=g) if step == 2 else None
+    outputs = [TeacherOutput(old[:, C1])] if step == 2 else []
+    groups = [C1] if step == 2 else []
+    objective = M2KDLoss(form="bce")
+
+    expected = icarl_reference(logits, y, old, C1 if step == 2 else ())
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+
+    # a head as wide as the stream: identical loss and gradient
+    ours = objective.terms(logits, y, list(range(100)), outputs, groups, n_outputs=100)["classification"]
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(grad, expected_grad, atol=1e-9)
+
+    # a growing head (only the seen columns): the same gradient on every seen column
+    ours = objective.terms(logits, y, seen, outputs, groups, n_outputs=100)["classification"]
+    (grad,) = torch.autograd.grad(ours, logits)
+    assert torch.allclose(grad[:, seen], expected_grad[:, seen], atol=1e-9)
+    assert grad[:, [c for c in range(100) if c not in seen]].abs().max() == 0
+    # the old scale (a mean over the seen columns) was 100 / |seen| times larger
+    mean_over_seen = objective.terms(logits, y, seen, outputs, groups)["classification"]
+    (grad_mean,) = torch.autograd.grad(mean_over_seen, logits)
+    assert torch.allclose(grad_mean[:, seen], grad[:, seen] * 100 / len(seen), atol=1e-7)
+
+
+def test_sigmoid_form_through_the_plugin_with_two_snapshots():
+    """With 2 snapshots, "all" routes each old class's target to the snapshot
+    that learned it, "last" to the last snapshot; both equal a hand computation."""
+    torch.manual_seed(0)
     bm = synthetic_stream(3)
     model = digits_cnn()
-    plugin_all = M2KDPlugin(loss="bce")
-    first_experience(plugin_all, model, bm)
-    plugin_last = M2KDPlugin(loss="bce", teachers="last")
-    plugin_last.groups = copy.deepcopy(plugin_all.groups)
-    plugin_last.snapshots = plugin_all.snapshots
-    exp = bm.train_stream[1]
+    strategy = M2KD(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0), loss="bce",
+        train_mb_size=8, train_epochs=3, evaluator=quiet_evaluator(),
+    )
+    for exp in list(bm.train_stream)[:2]:
+        strategy.train(exp)
+    plugin = strategy.m2kd
+    assert plugin.groups == [[0, 1], [2, 3]] and plugin._stream_classes == 6
+    exp = bm.train_stream[2]
     model.train()
     avalanche_model_adaptation(model, exp)
-    assert model.head.classifier.out_features == 4  # exactly the seen classes 0..3
-    x = torch.stack([exp.dataset[i][0] for i in range(12)])
-    y = torch.tensor([int(exp.dataset[i][1]) for i in range(12)])
     model.eval()
-    assert set(y.tolist()) == {2}  # the batch holds one of the experience's classes ...
-    terms_all = plugin_all.compute_losses(model, x, y, current_classes=[2, 3])  # ... the loss covers both
-    terms_last = plugin_last.compute_losses(model, x, y, current_classes=[2, 3])
-    assert torch.allclose(terms_all["classification"], terms_last["classification"], atol=1e-7)
-    # Avalanche's ICaRLLossPlugin on the same batch, logits and old model
-    icarl = ICaRLLossPlugin()
-    icarl.old_model = plugin_all.snapshots.teacher(0)
-    icarl.old_classes = [0, 1]
-    icarl.before_forward(SimpleNamespace(mb_x=x))
+    x = torch.stack([exp.dataset[i][0] for i in range(8)])
+    y = torch.tensor([int(exp.dataset[i][1]) for i in range(8)])
     with torch.no_grad():
-        logits = model(x)
-        expected = icarl(logits, y)
-        ours = plugin_all.classification_loss(logits, y, plugin_all._build_teachers("cpu").run_all(x))
-    assert ours.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert terms_all["classification"].item() == pytest.approx(expected.item(), abs=1e-6)
+        logits = model(x)[:, :6]
+        t0, t1 = plugin.snapshots.teacher(0)(x), plugin.snapshots.teacher(1)(x)
+
+    def hand(target_old):
+        target = torch.zeros(8, 6)
+        target[torch.arange(8), y] = 1.0
+        target[:, :4] = target_old
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (8 * 6)
+
+    ours_all = plugin.compute_losses(model, x, y, current_classes=[4, 5])["classification"]
+    expected_all = hand(torch.cat([torch.sigmoid(t0[:, :2]), torch.sigmoid(t1[:, 2:4])], dim=1))
+    assert ours_all.item() == pytest.approx(expected_all.item(), rel=1e-5)
+
+    last = M2KDPlugin(loss="bce", teachers="last", bce_classes=6)
+    last.groups, last.snapshots = plugin.groups, plugin.snapshots
+    ours_last = last.compute_losses(model, x, y, current_classes=[4, 5])["classification"]
+    expected_last = hand(torch.sigmoid(t1[:, :4]))
+    assert ours_last.item() == pytest.approx(expected_last.item(), rel=1e-5)
+    # the two modes do differ here: the snapshots disagree on classes 0 and 1
+    assert (torch.sigmoid(t0[:, :2]) - torch.sigmoid(t1[:, :2])).abs().max() > 0.01
+    assert abs(expected_all.item() - expected_last.item()) > 1e-5
+
+
+def test_sigmoid_form_needs_the_stream_width_outside_a_strategy():
+    plugin = M2KDPlugin(loss="bce")
+    model = digits_cnn(num_classes=4)
+    with pytest.raises(ValueError, match="bce_classes"):
+        plugin.compute_losses(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
 
 
 def test_herding_picks_the_same_exemplars_as_avalanche_icarl():
@@ -134,8 +190,13 @@ def test_nme_predictions_equal_a_direct_computation():
     assert torch.equal(scores.argmax(1), direct)
     assert (scores[:, 4:] == UNSEEN_SCORE).all()
     # and the strategy's evaluation uses exactly these scores
-    result = strategy.eval(bm.test_stream)
-    assert result  # ran with the NME output in place
+    strategy.eval(bm.test_stream)
+    test_x = torch.stack([bm.test_stream[i].dataset[j][0] for i in range(3) for j in range(len(bm.test_stream[i].dataset))])
+    test_y = torch.tensor([int(bm.test_stream[i].dataset[j][1]) for i in range(3) for j in range(len(bm.test_stream[i].dataset))])
+    with torch.no_grad():
+        predicted = strategy.nme.scores(model.features(test_x), 6).argmax(1)
+    accuracy = next(v for k, v in strategy.evaluator.get_last_metrics().items() if k.startswith("Top1_Acc_Stream"))
+    assert accuracy == pytest.approx((predicted == test_y).float().mean().item(), abs=1e-6)
 
 
 def test_icarl_form_runs_on_class_incremental_benchmark_streams():

@@ -84,29 +84,6 @@ def test_teachers_frozen_in_eval_mode_and_unchanged_by_training():
                 assert torch.equal(state0[key], state1[key]), key
 
 
-def test_one_previous_experience_all_equals_last():
-    """Issue 2, item 1 (second half)."""
-    bm = synthetic_stream(3)
-    model = digits_cnn()
-    plugin_all = M2KDPlugin(teachers="all", aux_layers=("stage1", "stage2"))
-    strategy = make_strategy(plugin_all, model)
-    strategy.train(bm.train_stream[0])
-    plugin_last = M2KDPlugin(teachers="last", aux_layers=("stage1", "stage2"))
-    plugin_last.groups = copy.deepcopy(plugin_all.groups)
-    plugin_last.snapshots = plugin_all.snapshots
-    x, y = batch_of(bm.train_stream[1])
-    model.train()
-    avalanche_model_adaptation(model, bm.train_stream[1])  # grow the heads, as a strategy would
-    torch.manual_seed(0)
-    terms_all = plugin_all.compute_losses(model, x, y)
-    torch.manual_seed(0)
-    terms_last = plugin_last.compute_losses(model, x, y)
-    assert set(terms_all) == {"aux_ce", "mm", "aux_kd", "total"}
-    for key in terms_all:
-        assert torch.allclose(terms_all[key], terms_last[key], atol=1e-7), key
-    assert terms_all["mm"].item() > 0
-
-
 def test_plugin_loss_equals_group_distillation_of_its_snapshots():
     """The plugin's multi-model term is distill_group_logits over the stored
     snapshots, each on its own class group."""

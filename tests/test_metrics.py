@@ -100,3 +100,52 @@ def test_plugin_metric_builds_the_matrix_avalanche_sees():
     assert metric.sizes() == [8, 8, 8]
     assert result["IncrementalAccuracy/average"] == pytest.approx(average_incremental_accuracy(direct, [8, 8, 8]))
     assert result["IncrementalForgetting"] == pytest.approx(forgetting(direct))
+
+
+@pytest.mark.parametrize("eval_every", [1, 0])
+def test_incremental_metrics_rows_with_periodic_evaluation(eval_every):
+    """Periodic evaluations during experience i belong to row i; they must not
+    overwrite row i - 1 (issue 12.4), and the matrix equals the one built from
+    evaluations after each experience only."""
+    import torch
+    from avalanche.training import Naive
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from avalanche_m2kd.metrics import IncrementalMetrics
+    from avalanche_m2kd.models import digits_cnn
+
+    from helpers import synthetic_stream
+
+    torch.manual_seed(0)
+    bm = synthetic_stream(3)
+    metric = IncrementalMetrics()
+    model = digits_cnn()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
+                     train_epochs=2, evaluator=EvaluationPlugin(metric, loggers=[]), eval_every=eval_every)
+    finals = []
+    for exp in bm.train_stream:
+        strategy.train(exp, eval_streams=[bm.test_stream])
+        strategy.eval(bm.test_stream)
+        finals.append(metric.matrix()[-1].copy())
+        # the row just written is the experience just trained; earlier rows keep their values
+        assert metric.matrix().shape[0] == exp.current_experience + 1
+        for i, row in enumerate(finals):
+            np.testing.assert_array_equal(metric.matrix()[i], row)
+
+
+def test_paired_differences_use_the_same_seeds_only():
+    from benchmarks.report import paired_differences
+
+    def run(strategy, seed, avg, last):
+        return {"strategy": strategy, "seed": seed, "wall_time_s": 1.0, "metrics": {
+            "average_incremental_accuracy": avg, "last_accuracy": last, "forgetting": 0.0,
+            "backward_transfer": 0.0, "old_accuracy": [None, 0.0], "new_accuracy": [0.0, 0.0]}}
+
+    runs = [run("m2kd", 0, 0.50, 0.40), run("m2kd", 1, 0.48, 0.30), run("m2kd", 2, 0.9, 0.9),
+            run("naive", 0, 0.45, 0.41), run("naive", 1, 0.40, 0.20), run("lwf", 5, 0.1, 0.1)]
+    rows = paired_differences(runs)
+    assert [(r["method"], r["baseline"], r["seeds"]) for r in rows] == [("m2kd", "naive", [0, 1])]
+    avg, last = rows[0]["average_incremental_accuracy"], rows[0]["last_accuracy"]
+    assert avg["per_seed"] == pytest.approx([0.05, 0.08]) and avg["mean"] == pytest.approx(0.065)
+    assert avg["std"] == pytest.approx(np.std([0.05, 0.08], ddof=1)) and avg["wins"] == 2
+    assert last["per_seed"] == pytest.approx([-0.01, 0.10]) and last["wins"] == 1

@@ -104,14 +104,12 @@ def test_two_processes_with_torchrun_hold_identical_models_and_snapshots(tmp_pat
     assert result.stdout.count("| Strategy |") == 1  # only rank 0 prints and writes
     document = json.loads((out / "results.json").read_text())
     assert document["config"]["world_size"] == 2 and document["config"]["batch_size"] == 16
-    single = json.loads(json.dumps(document))  # metrics cover the whole test set once
     for run in document["runs"]:
         assert run["world_size"] == 2
-        assert run["test_sizes"] == [16, 16, 16, 32]  # 2, 2, 2, 4 classes x 8 test images
+        assert run["test_sizes"] == [16, 16, 16, 32]  # metrics cover the whole test set once: 2, 2, 2, 4 classes x 8 images
         assert len(set(run["rank_model_hashes"])) == 1
     m2kd = next(r for r in document["runs"] if r["strategy"] == "m2kd")
     assert len(m2kd["rank_snapshot_hashes"]) == 2 and len(set(m2kd["rank_snapshot_hashes"])) == 1
-    assert single == document
 
 
 # -- bad input: each answered by an error that names the problem --------------------------------
@@ -126,9 +124,9 @@ def tiny_stream(x_fix=None, y_fix=None, n_experiences=2):
     return nc_benchmark(train, test, n_experiences=n_experiences, task_labels=False, shuffle=False)
 
 
-def m2kd_strategy(model=None):
+def m2kd_strategy(model=None, **kwargs):
     model = model or digits_cnn()
-    plugin = M2KDPlugin(aux_layers=("stage1",))
+    plugin = M2KDPlugin(aux_layers=("stage1",), **kwargs)
     return SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
                               plugins=[plugin], evaluator=quiet_evaluator()), plugin
 
@@ -138,8 +136,14 @@ def nan_images(data):
 
 
 def test_non_finite_inputs():
-    strategy, _ = m2kd_strategy()
+    """Every batch checked on request; by default the first batch of each
+    experience, and a NaN later shows up as a non-finite loss term that names
+    the inputs as the likely cause."""
+    strategy, _ = m2kd_strategy(check_batches=True)
     with pytest.raises(ValueError, match="inputs of training experience 0 contain NaN"):
+        strategy.train(tiny_stream(nan_images).train_stream[0])
+    strategy, _ = m2kd_strategy()
+    with pytest.raises((ValueError, FloatingPointError), match="NaN"):
         strategy.train(tiny_stream(nan_images).train_stream[0])
 
 
@@ -154,17 +158,6 @@ def test_non_finite_distillation_term_names_the_term_and_experience():
 
 
 def test_labels_of_the_wrong_type_or_out_of_range():
-    class Relabel(torch.utils.data.Dataset):
-        def __init__(self, base, label):
-            self.base, self.label = base, label
-
-        def __len__(self):
-            return len(self.base)
-
-        def __getitem__(self, i):
-            x, y, t = self.base[i]
-            return x, self.label(y), t
-
     bm = tiny_stream()
     fake = SimpleNamespace(experience=bm.train_stream[0], mb_x=torch.zeros(2, 1, 8, 8))
     from avalanche_m2kd._experience import check_batch

@@ -160,9 +160,9 @@ def snapshot_teachers(n=4, aux=True):
 
 def test_batched_teachers_equal_the_loop():
     plugin, model = snapshot_teachers()
-    loop = plugin._build_teachers("cpu")
+    loop = plugin.build_teachers("cpu")
     plugin.batched_teachers = True
-    batched = plugin._build_teachers("cpu")
+    batched = plugin.build_teachers("cpu")
     assert batched.batched and not loop.batched
     x = torch.randn(10, 1, 8, 8)
     for a, b in zip(loop.run_all(x), batched.run_all(x)):
@@ -191,7 +191,7 @@ def test_sampled_teachers_are_unbiased():
     sampled = M2KDPlugin(teachers_per_batch=1)
     sampled.groups, sampled.snapshots = plugin.groups, plugin.snapshots
     # exact expectation for k = 1: sum over teachers of P(draw j) * loss given j
-    teacher_set = sampled._build_teachers("cpu")
+    teacher_set = sampled.build_teachers("cpu")
     outputs = teacher_set.run_all(x)
     weights = group_weights(plugin.groups)
     with torch.no_grad():
