@@ -34,6 +34,8 @@ def compare(*args, check=True):
 
 @pytest.mark.parametrize("strategy, extra", [("m2kd", ["--m2kd-store", "packnet"]), ("ed", [])])
 def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, strategy, extra):
+    """Exact equality across processes holds on one machine (the same float
+    kernels); it is what resuming promises there."""
     compare("--strategies", strategy, *extra, "--out", str(tmp_path / "straight"))
     args = ["--strategies", strategy, *extra, "--out", str(tmp_path / "split"), "--checkpoint", str(tmp_path / "ckpt")]
     first = compare(*args, "--stop-after", "2")  # a separate process that exits after experience 2 of 4
