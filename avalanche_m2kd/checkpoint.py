@@ -40,12 +40,16 @@ def _reattach_torch_optim_submodules() -> None:
                 setattr(torch.optim, short, module)
 
 
+TMP_SUFFIX = ".tmp"
+"""Suffix of :func:`atomic_write`'s temporary files."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over
     ``path``: a crash midway leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
@@ -78,4 +82,4 @@ def maybe_load_checkpoint(
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start over") from None
 
 
-__all__ = ["atomic_write", "maybe_load_checkpoint", "save_checkpoint"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "maybe_load_checkpoint", "save_checkpoint"]

@@ -276,6 +276,35 @@ def load_image_folder(root: str) -> ImageArrays:
 
 
 DATASETS = ("digits", "fmnist", "cifar10", "cifar100", "npz:PATH", "imagefolder:ROOT")
+MAX_LABEL = 65_535
+"""Largest class id accepted: Avalanche sizes per-class tables by the largest id."""
+
+
+def check_arrays(data: ImageArrays) -> ImageArrays:
+    """Reject, with one message naming the problem, data that would train on
+    garbage or fail deep inside Avalanche: non-finite pixels (train or test),
+    a class with training images but no test image, class ids above
+    :data:`MAX_LABEL`. Returns ``data``."""
+    where = data.name
+    for split, x in (("training", data.x_train), ("test", data.x_test)):
+        if np.issubdtype(x.dtype, np.floating):
+            bad = int(x.size - np.isfinite(x).sum())
+            if bad:
+                raise DatasetError(f"{where}: {bad} {split} pixel values are NaN or infinite; clean the data set")
+    for split, y in (("training", data.y_train), ("test", data.y_test)):
+        if y.size and int(y.max()) > MAX_LABEL:
+            raise DatasetError(
+                f"{where}: {split} label {int(y.max())} is above {MAX_LABEL}; number the classes 0..K-1 "
+                "(Avalanche allocates per-class tables up to the largest label)"
+            )
+    untested = sorted(set(np.unique(data.y_train).tolist()) - set(np.unique(data.y_test).tolist()))
+    if untested:
+        shown = ", ".join(map(str, untested[:10])) + (" ..." if len(untested) > 10 else "")
+        raise DatasetError(
+            f"{where}: classes {shown} have training images but no test image; every class needs test images "
+            "(accuracy is measured per experience)"
+        )
+    return data
 
 
 def load_dataset(spec: str, data_root: Optional[str] = None, download: bool = False) -> ImageArrays:
@@ -435,6 +464,7 @@ __all__ = [
     "PODNET_CIFAR100_ORDER",
     "ToFloatNormalized",
     "channel_stats",
+    "check_arrays",
     "class_order",
     "experience_sizes",
     "load_cifar",

@@ -29,6 +29,7 @@ model did, output width included.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Dict, Iterable, List, Literal, Optional, Sequence
 
 import torch
@@ -334,6 +335,14 @@ class PackNetSnapshotStore(SnapshotStore):
         super().__init__(head_layers)
         if not 0.0 <= prune_ratio < 1.0:
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio}")
+        if prune_ratio == 0.0:
+            warnings.warn(
+                "packnet with prune_ratio=0 frees no weight: after the first experience every convolution and "
+                "linear weight outside the heads is frozen, and later experiences train only biases, BatchNorm "
+                "and heads; use a ratio such as 0.75",
+                UserWarning,
+                stacklevel=3,
+            )
         self.prune_ratio = prune_ratio
         self.owners: Dict[str, Tensor] = {}
         self._pruned_for: Optional[int] = None  # snapshot index whose pruning is done

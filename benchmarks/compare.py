@@ -47,7 +47,7 @@ def load_preset(name: str) -> dict:
     table = presets()
     if name not in table:
         raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
-    return json.loads(table[name].read_text())
+    return read_json(table[name], "preset")
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and teachers (fp16: CUDA only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--checkpoint", help="folder for per-run checkpoints, written after every experience")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint), or add runs to --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--stop-after", type=int, help="stop after training this many experiences (checkpoint kept; see --resume)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The preset, with the command line's overrides applied."""
-    from benchmarks.strategies import STRATEGIES
+    from benchmarks.strategies import NEEDS_MEMORY, STRATEGIES
 
     from avalanche_m2kd import models
 
@@ -128,6 +129,9 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if unknown or not names:
         raise UsageError(f"unknown strategy {', '.join(unknown) or '(none given)'}; choose from {', '.join(STRATEGIES)}")
     config["strategies"] = names
+    needs_memory = [n for n in names if n in NEEDS_MEMORY]
+    if config["mem_size"] == 0 and needs_memory:
+        raise UsageError(f"{', '.join(needs_memory)} need an exemplar memory: set --mem-size > 0 or leave them out of --strategies")
     if config["model"] is not None and config["model"] not in models.MODELS:
         raise UsageError(f"unknown model {config['model']!r}; choose one of {', '.join(models.MODELS)}")
     for key in ("epochs", "n_experiences", "batch_size"):
@@ -176,7 +180,7 @@ def prepare_data(config: dict):
     from avalanche_m2kd import datasets, models
 
     data = datasets.load_dataset(config["dataset"], config.get("data_root"), config.get("download", False))
-    data = datasets.subsample(data, config.get("train_per_class"), config.get("test_per_class"))
+    data = datasets.check_arrays(datasets.subsample(data, config.get("train_per_class"), config.get("test_per_class")))
     order = datasets.class_order(config["class_order"], np.unique(data.y_train))
     if config["model"] is None:
         config["model"] = default_model(data.input_shape)
@@ -323,8 +327,28 @@ def environment(config: dict) -> dict:
     }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit, ``kill``): stop like Ctrl-C, with a message."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    import signal
+
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:  # leave a caller's own handler alone
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: List[str]) -> int:
     parser = build_parser()
     debug = "--debug" in argv
     try:
@@ -392,6 +416,42 @@ def init_distributed(config: dict) -> bool:
     return True
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file the runner reads back; a broken one is named in a one-line error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{what} {path} cannot be read ({type(err).__name__}: {err}); fix or remove it") from None
+
+
+def claim_output_folder(out: Path, resume: bool, overwrite: bool):
+    """Before any data is loaded or model trained: the folder is writable, no
+    other runner writes to it (an exclusive lock, held until this process
+    exits), it holds no results unless ``--resume`` (add to them) or
+    ``--overwrite`` (replace them) says what to do, and temporary files left by
+    a killed runner are removed. Returns the open lock file."""
+    import fcntl
+
+    from avalanche_m2kd.checkpoint import TMP_SUFFIX
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")
+    except OSError as err:
+        raise UsageError(f"--out {out} is not writable ({err.strerror}); choose another folder") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise UsageError(f"another runner is writing to {out}; wait for it or use another --out") from None
+    if (out / "results.json").is_file() and not (resume or overwrite):
+        lock.close()
+        raise UsageError(f"{out} already holds results; pass --resume to add to them, --overwrite to replace them, or use another --out")
+    for stale in out.glob(f"*{TMP_SUFFIX}"):
+        stale.unlink()
+    return lock
+
+
 def run(args: argparse.Namespace, argv: List[str]) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     config = resolve_config(args)
@@ -403,6 +463,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
 
     main_process = DistributedHelper.is_main_process
     quiet = args.quiet or not main_process
+    lock = claim_output_folder(Path(args.out), args.resume, args.overwrite) if main_process else None  # noqa: F841
     data, benchmark, order, buffer_t = prepare_data(config)
     if distributed:  # each process trains on its share of the batch
         config = dict(config, batch_size=config["batch_size_per_process"])
@@ -418,14 +479,18 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     }
     previous = out / "results.json"
     if args.resume and previous.is_file():
-        saved = json.loads(previous.read_text())
+        saved = read_json(previous, "results file")
         check_same_config(saved["config"], config, str(previous))
         document["runs"] = saved["runs"]
     folder = Path(args.checkpoint) if args.checkpoint else None
     if folder is not None:
         stamp = folder / "config.json"
         if stamp.is_file():
-            check_same_config(json.loads(stamp.read_text()), config, f"checkpoint folder {folder}")
+            check_same_config(read_json(stamp, "checkpoint configuration"), config, f"checkpoint folder {folder}")
+            from avalanche_m2kd.checkpoint import TMP_SUFFIX
+
+            for stale in folder.glob(f"*{TMP_SUFFIX}"):  # left by a killed runner (this one holds --out's lock)
+                stale.unlink()
             if not args.resume:
                 raise UsageError(f"checkpoint folder {folder} already holds a run; pass --resume to continue it or use another folder")
         elif main_process:
@@ -474,11 +539,13 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         if main_process:
             print(f"stopped after {trained[0]} experiences as asked; continue with the same command plus --resume")
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         progress.close()
         write(plots=True)
-        print(f"{PROG}: interrupted; {len(document['runs'])} finished runs written to {out}", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        resume = "; continue with the same command plus --resume" if folder else ""
+        print(f"{PROG}: {how}; {len(document['runs'])} finished runs written to {out}{resume}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     progress.close()
     write(plots=True)
     if main_process:

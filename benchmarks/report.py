@@ -23,6 +23,11 @@ SUMMARY_COLUMNS = [
 UNRANKED = {"joint"}  # the upper bound is shown but not ranked
 
 
+def save_figure(fig, path: Path) -> None:
+    """``fig.savefig`` through a temporary file and a rename: a kill never leaves a partial PNG."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` atomically (a crash never leaves a half-written file)."""
 
@@ -206,7 +211,7 @@ def write_plots(out: Path, runs: List[dict]) -> List[Path]:
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     paths.append(out / "accuracy_curve.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1])
     plt.close(fig)
 
     cols = min(4, len(names))
@@ -229,7 +234,7 @@ def write_plots(out: Path, runs: List[dict]) -> List[Path]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy (%)")
     paths.append(out / "accuracy_matrices.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, sharey=True)
@@ -250,7 +255,7 @@ def write_plots(out: Path, runs: List[dict]) -> List[Path]:
     fig.supylabel("accuracy (%)")
     fig.tight_layout()
     paths.append(out / "old_new.png")
-    fig.savefig(paths[-1], dpi=110)
+    save_figure(fig, paths[-1])
     plt.close(fig)
     return paths
 

@@ -34,6 +34,10 @@ SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-bce", "m2kd-bce-
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 
 
+NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last"}
+"""Strategies that classify by the nearest mean of exemplars: checked before any training."""
+
+
 def learning_rate(name: str, config: dict) -> float:
     if name in SIGMOID_LOSS and config.get("lr_sigmoid") is not None:
         return float(config["lr_sigmoid"])

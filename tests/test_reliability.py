@@ -84,11 +84,18 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         checkpoint.maybe_load_checkpoint(strategy, path)
 
 
-def test_a_failing_run_keeps_what_was_written(tmp_path):
+def test_a_failing_run_keeps_what_was_written(tmp_path, monkeypatch, capsys):
+    from benchmarks import compare as runner
+    from benchmarks import strategies
+
+    def broken(name, setup):
+        raise RuntimeError("the strategy broke")
+
+    monkeypatch.setitem(strategies.STRATEGIES, "lwf", broken)
     out = tmp_path / "out"
-    result = compare("--strategies", "naive,icarl", "--mem-size", "0", "--out", str(out), check=False)
-    assert result.returncode == 1
-    assert "icarl seed 0 failed" in result.stderr and "1 finished runs kept" in result.stderr
+    assert runner.main([*TINY, "--strategies", "naive,lwf", "--out", str(out), "--quiet", "--no-plots"]) == 1
+    err = capsys.readouterr().err
+    assert "lwf seed 0 failed: RuntimeError: the strategy broke" in err and "1 finished runs kept" in err
     runs = json.loads((out / "results.json").read_text())["runs"]
     assert [r["strategy"] for r in runs] == ["naive"]
 
@@ -216,3 +223,100 @@ def test_a_twenty_experience_stream_runs_to_the_end(kind):
         assert plugin.snapshots.free_fraction() == pytest.approx(0.8**20, abs=0.01)
     x = torch.stack([bm.test_stream[0].dataset[i][0] for i in range(2)])
     assert torch.isfinite(plugin.snapshots.teacher(0)(x)).all()
+
+
+def test_data_is_checked_once_before_training_for_every_strategy(tmp_path, capsys):
+    """Issue 15.4: NaN pixels (train or test), a class without test images and
+    huge labels are refused with one line, whatever the strategies."""
+    from benchmarks import compare as runner
+
+    def npz(name, **fix):
+        rng = np.random.default_rng(0)
+        arrays = dict(x_train=rng.random((40, 8, 8)).astype(np.float32), y_train=np.repeat(np.arange(4), 10),
+                      x_test=rng.random((12, 8, 8)).astype(np.float32), y_test=np.repeat(np.arange(4), 3))
+        for key, change in fix.items():
+            arrays[key] = change(arrays[key])
+        np.savez(tmp_path / name, **arrays)
+        return f"npz:{tmp_path / name}"
+
+    def nan_at_3(x):
+        x = x.copy()
+        x[3, 0, 0] = np.nan
+        return x
+
+    cases = [
+        (npz("train-nan.npz", x_train=nan_at_3), "1 training pixel values are NaN or infinite"),
+        (npz("test-nan.npz", x_test=nan_at_3), "1 test pixel values are NaN or infinite"),
+        (npz("untested.npz", x_test=lambda x: x[:9], y_test=lambda y: y[:9]), "classes 3 have training images but no test image"),
+        (npz("huge.npz", y_train=lambda y: np.where(y == 3, 10**9, y), y_test=lambda y: np.where(y == 3, 10**9, y)),
+         "label 1000000000 is above 65535"),
+    ]
+    for dataset, message in cases:
+        code = runner.main(["--dataset", dataset, "--strategies", "naive", "--n-experiences", "2", "--out",
+                            str(tmp_path / "out"), "--quiet", "--overwrite"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (dataset, err)
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing trained
+
+
+def test_output_folder_is_guarded(tmp_path, capsys):
+    """Issue 15.3: no silent overwrite, one runner per folder, unwritable
+    folders refused before training, stale temporary files removed."""
+    import fcntl
+
+    from benchmarks import compare as runner
+
+    out = tmp_path / "out"
+    args = [*TINY, "--strategies", "naive", "--n-experiences", "2", "--out", str(out)]
+    assert runner.main(args) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert runner.main(args) == 2
+    assert "already holds results; pass --resume" in capsys.readouterr().err
+    (out / "results.json.abc123.tmp").write_text("partial")
+    assert runner.main([*args, "--overwrite", "--seeds", "1"]) == 0
+    assert not list(out.glob("*.tmp"))
+    assert [r["seed"] for r in json.loads((out / "results.json").read_text())["runs"]] == [1]
+    assert runner.main([*args, "--resume", "--seeds", "0"]) == 0  # adds seed 0 to seed 1's results
+    assert sorted(r["seed"] for r in json.loads((out / "results.json").read_text())["runs"]) == [0, 1]
+    assert first["runs"][0]["seed"] == 0
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert runner.main([*args, "--resume"]) == 2
+        assert "another runner is writing to" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    assert runner.main([*TINY, "--out", str(blocked / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_ed_teacher_class_lists_are_checked_at_construction():
+    from avalanche_m2kd import EducationDistillationPlugin
+
+    with pytest.raises(ValueError, match="class 2 is covered by teachers 0 and 1"):
+        EducationDistillationPlugin(teachers=[(digits_cnn(3), [0, 1, 2]), (digits_cnn(3), [2, 3, 4])])
+
+
+def test_packnet_without_free_weights_warns():
+    with pytest.warns(UserWarning, match="prune_ratio=0 frees no weight"):
+        M2KDPlugin(snapshot_store="packnet", prune_ratio=0.0)
+
+
+def test_sigterm_stops_the_runner_with_a_message(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.compare", "--epochs", "30", "--strategies", "naive,lwf", "--seeds", "0",
+         "--out", str(out), "--quiet", "--no-plots"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / ".lock").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)  # past start-up, inside training
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err

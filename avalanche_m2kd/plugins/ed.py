@@ -157,6 +157,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         if stage_epochs is not None and (not stage_epochs or min(stage_epochs) < 1):
             raise ValueError("EducationDistillationPlugin: stage_epochs must be a non-empty list of positive counts")
         self.teachers: List[GroupTeacher] = [self._as_teacher(t, i) for i, t in enumerate(teachers or [])]
+        self._check_teacher_classes(self.teachers)
         self.teacher_factory = teacher_factory
         self.teacher_epochs = teacher_epochs
         self.teacher_optimizer = teacher_optimizer or default_teacher_optimizer
@@ -183,6 +184,22 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self._params_after_last_stage: Optional[set] = None
         self._teacher_set: Optional[TeacherSet] = None
         self._routed: Optional[Tuple[List[Tensor], List[TeacherOutput]]] = None
+
+    @staticmethod
+    def _check_teacher_classes(teachers: Sequence[GroupTeacher]) -> None:
+        """All given teachers' class lists at once, before any training: each
+        non-empty, no class owned by two stages."""
+        owner: dict = {}
+        for i, t in enumerate(teachers):
+            if not t.classes:
+                raise ValueError(f"EducationDistillationPlugin: teacher {i} covers no class")
+            for c in t.classes:
+                if c in owner:
+                    raise ValueError(
+                        f"EducationDistillationPlugin: class {c} is covered by teachers {owner[c]} and {i}; "
+                        "each class belongs to one stage"
+                    )
+                owner[c] = i
 
     @staticmethod
     def _as_teacher(spec: TeacherSpec, index: int) -> GroupTeacher:
