@@ -8,9 +8,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_quick_starts_run_and_print_the_promised_state(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 2, "the README has two quick starts (M2KD, then ED)"
+    assert len(blocks) == 3, "the README has three quick starts (M2KD, its loss object, then ED)"
     namespace: dict = {}
-    for block in blocks:  # the ED block reuses the M2KD block's imports, as a reader's session would
+    for block in blocks:  # later blocks reuse the first block's imports, as a reader's session would
         exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out.split("\n")
     lines = [line for line in printed if re.fullmatch(r"\d+ \d+", line.strip())]
@@ -18,3 +18,4 @@ def test_quick_starts_run_and_print_the_promised_state(capsys):
     depth, head = map(int, lines[1].split())
     assert snapshots == 5 and nbytes == namespace["m2kd"].snapshots.full_copy_nbytes() > 0
     assert (depth, head) == (3, 10)
+    assert "['mm'] True" in printed
