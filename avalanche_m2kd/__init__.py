@@ -1,9 +1,11 @@
 """avalanche-m2kd: M2KD and Education Distillation for class-incremental
 learning, as Avalanche plugins and strategies."""
 
-from . import checkpoint, datasets, distributed, exemplars, losses, metrics, models
+from . import checkpoint, datasets, distributed, exemplars, losses, metrics, models, precision
+from .losses import M2KDLoss
 from .models import EDStudent
 from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin
+from .precision import MixedPrecisionPlugin
 from .snapshots import (
     FullSnapshotStore,
     PackNetSnapshotStore,
@@ -23,7 +25,9 @@ __all__ = [
     "FullSnapshotStore",
     "GroupTeacher",
     "M2KD",
+    "M2KDLoss",
     "M2KDPlugin",
+    "MixedPrecisionPlugin",
     "NMEClassifierPlugin",
     "PackNetSnapshotStore",
     "SnapshotStore",
@@ -38,4 +42,5 @@ __all__ = [
     "make_snapshot_store",
     "metrics",
     "models",
+    "precision",
 ]

@@ -141,3 +141,26 @@ def check_finite_terms(owner: str, terms: Dict[str, Tensor], experience) -> None
                 f"{owner}: the {name} loss term is {float(value.detach())} at training experience "
                 f"{experience_index(experience)}; check the inputs for NaN/inf and lower the learning rate."
             )
+
+
+def accumulate_nonfinite(flags: Dict[str, Tensor], terms: Dict[str, Tensor]) -> None:
+    """OR into ``flags[name]`` (a device bool) whether each term is non-finite,
+    without reading the device (no stall per batch on a GPU)."""
+    for name, value in terms.items():
+        bad = ~torch.isfinite(value.detach()).all()
+        flags[name] = bad if name not in flags else flags[name] | bad
+
+
+def check_nonfinite_flags(owner: str, flags: Dict[str, Tensor], experience) -> None:
+    """One read of the flags :func:`accumulate_nonfinite` gathered; the error
+    names every term that was non-finite, and the experience."""
+    if not flags:
+        return
+    names = list(flags)
+    bad = [n for n, v in zip(names, torch.stack([flags[n] for n in names]).tolist()) if v]
+    if bad:
+        raise FloatingPointError(
+            f"{owner}: the {', '.join(bad)} loss term{'s were' if len(bad) > 1 else ' was'} NaN or infinite during "
+            f"training experience {experience_index(experience)}; check the inputs for NaN/inf and lower the "
+            "learning rate."
+        )

@@ -16,8 +16,9 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,21 +38,54 @@ class TeacherOutput:
     features: List[Tensor] = field(default_factory=list)
 
 
+# Class groups arrive as Python lists, fixed for a whole experience. Their index
+# tensors are built once per device and reused, and every check on them is made
+# in Python: a training step then reads nothing back from the device (on a GPU,
+# each read is a stall).
+@functools.lru_cache(maxsize=1024)
+def _cached_index(group: Tuple[int, ...], device: str) -> Tensor:
+    return torch.tensor(group, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_position_table(classes: Tuple[int, ...], device: str) -> Tensor:
+    table = torch.full((max(classes) + 1,), -1, dtype=torch.long)
+    table[list(classes)] = torch.arange(len(classes))
+    return table.to(device)
+
+
 def _as_index(group: Group | Tensor, device: torch.device) -> Tensor:
+    """A long tensor of the class ids (shared and read-only for Python groups)."""
     if isinstance(group, Tensor):
         return group.to(device=device, dtype=torch.long)
-    return torch.as_tensor(list(group), dtype=torch.long, device=device)
+    return _cached_index(tuple(int(c) for c in group), str(device))
 
 
 def _columns(logits: Tensor, classes: Group | Tensor, caller: str) -> Tensor:
     """Index of ``classes`` as columns of ``logits``, checking the width."""
-    index = _as_index(classes, logits.device)
-    if index.numel() and int(index.max()) >= logits.shape[1]:
+    if isinstance(classes, Tensor):
+        largest = int(classes.max()) if classes.numel() else -1
+    else:
+        classes = [int(c) for c in classes]
+        largest = max(classes, default=-1)
+    if largest >= logits.shape[1]:
         raise ValueError(
-            f"{caller}: logits have {logits.shape[1]} columns but class {int(index.max())} is needed; "
+            f"{caller}: logits have {logits.shape[1]} columns but class {largest} is needed; "
             "adapt the model to the experience first (heads grow in Avalanche's model adaptation)"
         )
-    return index
+    return _as_index(classes, logits.device)
+
+
+def _label_positions(classes: Group, targets: Tensor, caller: str) -> Tensor:
+    """Position of each label inside the ordered Python list ``classes``, with
+    no read back from the device: a label outside ``classes`` fails a
+    ``torch._assert_async`` check (at once on a CPU, asynchronously on a GPU)."""
+    classes = tuple(int(c) for c in classes)
+    table = _cached_position_table(classes, str(targets.device))
+    labels = targets.long()
+    positions = torch.where(labels < table.numel(), table[labels.clamp(0, table.numel() - 1)], -1)
+    torch._assert_async((positions >= 0).all(), f"{caller}: a label is not among the classes {list(classes)}")
+    return positions
 
 
 def group_weights(groups: Sequence[Group]) -> list[float]:
@@ -243,7 +277,11 @@ def cross_entropy_over(logits: Tensor, targets: Tensor, classes: Sequence[int] |
     """Cross-entropy restricted to the columns ``classes`` (e.g. the classes
     seen so far), batch mean. Columns of other classes do not take part."""
     index = _columns(logits, classes, "cross_entropy_over")
-    return F.cross_entropy(logits.index_select(1, index), class_positions(index, targets))
+    if isinstance(classes, Tensor):
+        positions = class_positions(index, targets)
+    else:
+        positions = _label_positions(classes, targets, "cross_entropy_over")
+    return F.cross_entropy(logits.index_select(1, index), positions)
 
 
 def group_sigmoid_targets(
@@ -260,13 +298,24 @@ def group_sigmoid_targets(
     supplies its target. Returns ``[B, len(columns)]``.
     """
     device = targets.device
-    columns_t = _as_index(columns, device)
-    out = torch.zeros(targets.shape[0], columns_t.numel(), device=device, dtype=torch.float32)
-    rows = torch.arange(targets.shape[0], device=device)
-    out[rows, class_positions(columns_t, targets)] = 1.0
-    for logits_k, group in zip(teacher_logits, groups):
-        group_t = _as_index(group, device)
-        out[:, class_positions(columns_t, group_t)] = torch.sigmoid(logits_k.float())
+    if isinstance(columns, Tensor):
+        columns_t = _as_index(columns, device)
+        width = columns_t.numel()
+        label_positions = class_positions(columns_t, targets)
+        group_positions = [class_positions(columns_t, _as_index(g, device)) for g in groups]
+    else:  # Python lists: positions found without reading the device
+        columns = [int(c) for c in columns]
+        width = len(columns)
+        where = {c: i for i, c in enumerate(columns)}
+        missing = sorted({int(c) for g in groups for c in g} - set(where))
+        if missing:
+            raise ValueError(f"group_sigmoid_targets: group classes {missing} are not among the columns {columns}")
+        label_positions = _label_positions(columns, targets, "group_sigmoid_targets")
+        group_positions = [_as_index([where[int(c)] for c in g], device) for g in groups]
+    out = torch.zeros(targets.shape[0], width, device=device, dtype=torch.float32)
+    out[torch.arange(targets.shape[0], device=device), label_positions] = 1.0
+    for logits_k, positions in zip(teacher_logits, group_positions):
+        out[:, positions] = torch.sigmoid(logits_k.float())
     return out
 
 

@@ -13,10 +13,12 @@ from torch import Tensor, nn
 
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import (
+    accumulate_nonfinite,
     check_batch,
     check_finite_terms,
     check_is_criterion,
     check_model_accepts,
+    check_nonfinite_flags,
     check_output_width,
     check_stream,
     stream_class_count,
@@ -42,6 +44,7 @@ class _Batch:
     weights: List[float]
     features: List[Tensor] = field(default_factory=list)
     terms: Optional[Dict[str, Tensor]] = None
+    checked: bool = False  # inputs and labels checked on this batch: check its loss terms at once too
 
 
 class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
@@ -150,10 +153,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             precision of the snapshots' forward passes (their outputs come back in
             float32). bf16 halves their cost on CPUs with bf16 units and GPUs.
         check_batches: check every batch (finite inputs, labels inside the
-            head) instead of the first batch of each experience only. Default
-            False [ours]: each check reads values back from the device, a stall
-            per batch on a GPU; the data loaders of ``benchmarks`` check the
-            whole data set once before training.
+            head, finite loss terms) at once, instead of the first batch of each
+            experience only. Default False [ours]: each check reads values back
+            from the device, a stall per batch on a GPU. Then the other batches'
+            loss terms are checked on the device and read once per epoch, and
+            the runner checks its data sets once before training.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self._taps_model: Optional[nn.Module] = None
         self._batch: Optional[_Batch] = None
         self._checked_this_experience = False
+        self._nonfinite: Dict[str, Tensor] = {}
         self._epoch_lrs: List[float] = []
 
     # -- configuration ---------------------------------------------------------------
@@ -430,6 +435,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         )
         self._teacher_set = self.build_teachers(strategy.device, cache=cache)
         self._checked_this_experience = False
+        self._nonfinite = {}
 
     def before_training_epoch(self, strategy, **kwargs):
         start_epoch(self._teacher_set)
@@ -437,6 +443,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     def after_training_epoch(self, strategy, **kwargs):
         end_epoch("M2KDPlugin", self.teacher_cache, self._teacher_set, strategy.clock.train_exp_epochs)
+        check_nonfinite_flags("M2KDPlugin", self._nonfinite, strategy.experience)  # one device read per epoch
 
     def before_forward(self, strategy, **kwargs):
         taps = self._student_taps(strategy.model)
@@ -448,21 +455,25 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if self._taps is not None:
             self._taps.detach()
             features = [f.float() for f in self._taps.features()]  # bf16 under autocast
+        checked = not self._checked_this_experience or self.check_batches
         if not self._checked_this_experience:
             check_output_width("M2KDPlugin", strategy, max(self.seen_classes()) + 1)
             self._checked_this_experience = True
         elif self.check_batches:
             check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
         outputs, groups, weights = self._run_teachers(self._teacher_set, strategy.mb_x)
-        self._batch = _Batch(strategy.model, self.seen_classes(), outputs, groups, weights, features)
+        self._batch = _Batch(strategy.model, self.seen_classes(), outputs, groups, weights, features, checked=checked)
 
     def before_backward(self, strategy, **kwargs):
         batch, self._batch = self._batch, None
         if batch is None:
             return
         terms = self._terms(batch, strategy.mb_output, strategy.mb_y)
-        if not scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps
-            check_finite_terms("M2KDPlugin", terms, strategy.experience)
+        if batch.checked:
+            if not scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps
+                check_finite_terms("M2KDPlugin", terms, strategy.experience)
+        elif not scaler_skips_non_finite(strategy):
+            accumulate_nonfinite(self._nonfinite, terms)  # read at the end of the epoch
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         extra = [k for k in terms if k != "classification"]
         if extra:
@@ -502,6 +513,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         try:
             for _ in range(self.post_prune_epochs):
                 strategy.training_epoch()
+                check_nonfinite_flags("M2KDPlugin", self._nonfinite, strategy.experience)
         finally:
             store.end_finetune()
             for group, lr in zip(optimizer.param_groups, saved):
