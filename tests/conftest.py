@@ -13,6 +13,7 @@ import pytest
 
 TRAINING_FILES = {
     "test_ed.py",
+    "test_host_reads.py",
     "test_icarl_form.py",
     "test_m2kd_plugin.py",
     "test_mechanisms.py",
