@@ -130,19 +130,6 @@ def check_output_width(owner: str, strategy, needed: int) -> None:
     check_batch(owner, strategy.experience, strategy.mb_x, strategy.mb_y, width)
 
 
-def check_finite_terms(owner: str, terms: Dict[str, Tensor], experience) -> None:
-    """Every loss term is finite; the error names the term and the experience."""
-    values = list(terms.values())
-    if not values or bool(torch.isfinite(torch.stack([v.detach().float() for v in values])).all()):
-        return  # one device read for all terms
-    for name, value in terms.items():
-        if not bool(torch.isfinite(value)):
-            raise FloatingPointError(
-                f"{owner}: the {name} loss term is {float(value.detach())} at training experience "
-                f"{experience_index(experience)}; check the inputs for NaN/inf and lower the learning rate."
-            )
-
-
 def accumulate_nonfinite(flags: Dict[str, Tensor], terms: Dict[str, Tensor]) -> None:
     """OR into ``flags[name]`` (a device bool) whether each term is non-finite,
     without reading the device (no stall per batch on a GPU)."""
@@ -164,3 +151,11 @@ def check_nonfinite_flags(owner: str, flags: Dict[str, Tensor], experience) -> N
             f"training experience {experience_index(experience)}; check the inputs for NaN/inf and lower the "
             "learning rate."
         )
+
+
+def check_finite_terms(owner: str, terms: Dict[str, Tensor], experience) -> None:
+    """Every loss term is finite now (one device read); the error names the
+    non-finite terms and the experience."""
+    flags: Dict[str, Tensor] = {}
+    accumulate_nonfinite(flags, terms)
+    check_nonfinite_flags(owner, flags, experience)
