@@ -61,6 +61,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Delete what :func:`atomic_write` leaves in ``folder`` when its process is
+    killed mid-write. Only the folder's sole writer may call this."""
+    for stale in Path(folder).glob(f"*{TMP_SUFFIX}"):
+        stale.unlink()
+
+
 def save_checkpoint(strategy, path: str | os.PathLike) -> None:
     """Save ``strategy`` (between experiences) to ``path``, atomically."""
     _reattach_torch_optim_submodules()
@@ -82,4 +89,4 @@ def maybe_load_checkpoint(
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start over") from None
 
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "maybe_load_checkpoint", "save_checkpoint"]
+__all__ = ["TMP_SUFFIX", "atomic_write", "remove_stale_temporaries", "maybe_load_checkpoint", "save_checkpoint"]

@@ -83,7 +83,8 @@ def _label_positions(classes: Group, targets: Tensor, caller: str) -> Tensor:
     classes = tuple(int(c) for c in classes)
     table = _cached_position_table(classes, str(targets.device))
     labels = targets.long()
-    positions = torch.where(labels < table.numel(), table[labels.clamp(0, table.numel() - 1)], -1)
+    inside = (labels >= 0) & (labels < table.numel())
+    positions = torch.where(inside, table[labels.clamp(0, table.numel() - 1)], -1)
     torch._assert_async((positions >= 0).all(), f"{caller}: a label is not among the classes {list(classes)}")
     return positions
 
@@ -399,7 +400,7 @@ class M2KDLoss:
 
     def __post_init__(self):
         if self.form not in ("kl", "bce"):
-            raise ValueError(f"M2KDLoss: loss form must be 'kl' or 'bce', got {self.form!r}")
+            raise ValueError(f"M2KDLoss: loss (form) must be 'kl' or 'bce', got {self.form!r}")
         if self.aux not in ("logits", "features"):
             raise ValueError(f"M2KDLoss: aux must be 'logits' or 'features', got {self.aux!r}")
         if self.feature_distance not in ("mse", "attention"):

@@ -280,7 +280,7 @@ class RunCheckpoint:
         self.counter = counter  # experiences trained by this invocation, shared by all runs
 
     def elapsed(self) -> float:
-        return json.loads(self.side.read_text())["elapsed_s"] if self.side.is_file() else 0.0
+        return read_json(self.side, "checkpoint side file")["elapsed_s"] if self.side.is_file() else 0.0
 
     def save(self, strategy, elapsed: float, save_checkpoint) -> None:
         from avalanche.distributed import DistributedHelper
@@ -375,7 +375,7 @@ def print_list() -> int:
 
     print("presets:")
     for name, path in presets().items():
-        print(f"  {name:28s} {json.loads(path.read_text())['description']}")
+        print(f"  {name:28s} {read_json(path, 'preset')['description']}")
     print("strategies:")
     for name, text in DESCRIPTIONS.items():
         print(f"  {name:28s} {text}")
@@ -432,7 +432,7 @@ def claim_output_folder(out: Path, resume: bool, overwrite: bool):
     a killed runner are removed. Returns the open lock file."""
     import fcntl
 
-    from avalanche_m2kd.checkpoint import TMP_SUFFIX
+    from avalanche_m2kd.checkpoint import remove_stale_temporaries
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -447,8 +447,7 @@ def claim_output_folder(out: Path, resume: bool, overwrite: bool):
     if (out / "results.json").is_file() and not (resume or overwrite):
         lock.close()
         raise UsageError(f"{out} already holds results; pass --resume to add to them, --overwrite to replace them, or use another --out")
-    for stale in out.glob(f"*{TMP_SUFFIX}"):
-        stale.unlink()
+    remove_stale_temporaries(out)
     return lock
 
 
@@ -487,10 +486,9 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         stamp = folder / "config.json"
         if stamp.is_file():
             check_same_config(read_json(stamp, "checkpoint configuration"), config, f"checkpoint folder {folder}")
-            from avalanche_m2kd.checkpoint import TMP_SUFFIX
+            from avalanche_m2kd.checkpoint import remove_stale_temporaries
 
-            for stale in folder.glob(f"*{TMP_SUFFIX}"):  # left by a killed runner (this one holds --out's lock)
-                stale.unlink()
+            remove_stale_temporaries(folder)  # left by a killed runner (this one holds --out's lock)
             if not args.resume:
                 raise UsageError(f"checkpoint folder {folder} already holds a run; pass --resume to continue it or use another folder")
         elif main_process:

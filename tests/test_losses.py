@@ -202,3 +202,13 @@ def test_sigmoid_distillation_loss_matches_hand_computation():
     expected /= 2 * len(columns)
     got = sigmoid_distillation_loss(logits, y, columns, teacher, [[0, 1]])
     assert got.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_labels_outside_the_classes_fail_without_a_device_read():
+    """The hot path checks labels with torch._assert_async (immediate on a CPU):
+    a label above the classes, or negative, is refused, not mapped to a column."""
+    logits = torch.randn(3, 6)
+    with pytest.raises(RuntimeError, match="a label is not among the classes"):
+        cross_entropy_over(logits, torch.tensor([3, 5, 4]), [3, 5])
+    with pytest.raises(RuntimeError, match="a label is not among the classes"):
+        cross_entropy_over(logits, torch.tensor([3, -2, 5]), [3, 5])

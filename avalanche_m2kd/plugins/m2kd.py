@@ -188,8 +188,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         check_precision(teacher_precision, "M2KDPlugin")
         try:
             self.objective = M2KDLoss(loss, temperature, mm_weight, aux_weight, aux_ce_weight, aux, feature_distance)
-        except ValueError as err:
-            raise ValueError(str(err).replace("M2KDLoss: loss form", "M2KDPlugin: loss").replace("M2KDLoss", "M2KDPlugin")) from None
+        except ValueError as err:  # the loss object validates the arguments it holds
+            raise ValueError(f"M2KDPlugin: {err}") from None
         if teachers_per_batch is not None:
             if teachers_per_batch < 1:
                 raise ValueError(f"M2KDPlugin: teachers_per_batch must be >= 1, got {teachers_per_batch}")
@@ -388,7 +388,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if current_classes is not None:
             self.current_classes = sorted(int(c) for c in current_classes)
         self.prepare_model(model, x[:1])
-        teacher_set = self._teacher_set or self.build_teachers(x.device)
+        teacher_set = self._teacher_set if self._teacher_set is not None else self.build_teachers(x.device)
         taps = self._student_taps(model)
         if taps is None:
             logits, features = model(x), []
@@ -469,11 +469,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if batch is None:
             return
         terms = self._terms(batch, strategy.mb_output, strategy.mb_y)
-        if batch.checked:
-            if not scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps
+        if not scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps itself
+            if batch.checked:
                 check_finite_terms("M2KDPlugin", terms, strategy.experience)
-        elif not scaler_skips_non_finite(strategy):
-            accumulate_nonfinite(self._nonfinite, terms)  # read at the end of the epoch
+            else:
+                accumulate_nonfinite(self._nonfinite, terms)  # read at the end of the epoch
         self.last_terms = {k: v.detach() for k, v in terms.items()}
         extra = [k for k in terms if k != "classification"]
         if extra:
