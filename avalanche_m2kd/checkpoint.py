@@ -1,49 +1,68 @@
-"""Saving and resuming a strategy, on top of Avalanche's checkpointing.
+"""Saving and resuming a strategy between experiences, in files that load
+without running code.
 
-Avalanche 0.6.0's ``save_checkpoint`` pickles the whole strategy with dill:
-model, optimizer, every plugin (M2KD's snapshots and owners, class groups and
-auxiliary heads live on the model; ED's teachers, stage data and the growing
-student's pending groups), the evaluator and the random generators. Two things
-are added here:
+A checkpoint holds tensors and plain values only, written with ``torch.save``
+and read with ``torch.load(weights_only=True)``: a crafted or tampered file
+cannot execute anything, it is refused with one line. (Avalanche 0.6.0's own
+``save_checkpoint`` pickles the whole strategy with dill, and loading such a
+file runs whatever it contains.) The price is that the strategy is not stored
+but rebuilt: the caller builds it exactly as the saved one was built (same
+class, model, optimizer and plugins, in the same order), and
+:func:`load_checkpoint` restores into it, in this order:
 
-* **torch 2.14 compatibility.** ``torch/optim/__init__.py`` deletes its
-  submodule attributes (``del adam``, ...), so dill cannot find
-  ``torch.optim.adam.Adam`` by reference and tries to pickle the class by
-  value, failing with a ``PicklingError``. :func:`save_checkpoint` re-attaches
-  the loaded ``torch.optim`` submodules first (site-packages untouched).
-* **Atomic writes.** The checkpoint is written to a temporary file in the same
-  folder and renamed over the old one, so a crash while writing leaves the
-  previous checkpoint intact.
+1. **structure**: what grew during training is grown again (auxiliary heads,
+   the ED student's groups, every ``IncrementalClassifier`` to its saved width,
+   iCaRL's class-mean table);
+2. the model's ``state_dict``, then the optimizer's state, re-attached to the
+   parameters by name (momentum survives, as in an uninterrupted run);
+3. each plugin's state, through a handler for its class (see
+   :data:`PLUGIN_STATE`): M2KD's snapshots and class groups, ED's teachers and
+   stage classes, the exemplar memories, LwF's and iCaRL's previous models and
+   iCaRL's exemplars, learning-rate schedulers, the gradient scaler, the
+   clock and :class:`~avalanche_m2kd.metrics.IncrementalMetrics`;
+4. the random generators (torch, CUDA, numpy, ``random``), so a resumed run
+   continues as the uninterrupted one would.
 
-Caches (teacher sets, their output caches) are rebuilt at the next experience,
-so they are never saved.
+Replay memories are stored as sample identities, not images: the training
+datasets carry a ``sample_id`` attribute (:func:`avalanche_m2kd.datasets.make_benchmark`
+adds it; :func:`avalanche_m2kd.datasets.with_sample_ids` adds it to other
+data) and loading takes the training stream to find the samples again.
+
+Each file also records a caller's ``meta`` (the runner stores the strategy
+name and the whole configuration); :func:`load_checkpoint` refuses a file
+whose ``meta`` differs from the one expected, naming the first difference.
+
+Not restored: teacher and output caches (rebuilt at the next experience) and
+the history of Avalanche metrics other than ``IncrementalMetrics`` (they
+restart at the resume point). A plugin without a handler makes saving fail
+with a message naming it; :func:`register_plugin_state` adds one.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from avalanche.checkpointing import maybe_load_checkpoint as _avalanche_load
-from avalanche.checkpointing import save_checkpoint as _avalanche_save
+from torch import nn
 
-
-def _reattach_torch_optim_submodules() -> None:
-    for name, module in list(sys.modules.items()):
-        prefix, _, short = name.partition("torch.optim.")
-        if prefix == "" and short and "." not in short and module is not None:
-            if getattr(torch.optim, short, None) is not module:
-                setattr(torch.optim, short, module)
-
+FORMAT = "avalanche_m2kd.checkpoint/2"
+"""The ``format`` entry of every checkpoint this module writes."""
 
 TMP_SUFFIX = ".tmp"
 """Suffix of :func:`atomic_write`'s temporary files."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written, read or applied; the message says why and what to do."""
+
+
+# -- files ----------------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file beside ``path``, then rename it over
     ``path``: a crash midway leaves the previous file intact."""
@@ -68,25 +87,534 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
         stale.unlink()
 
 
-def save_checkpoint(strategy, path: str | os.PathLike) -> None:
-    """Save ``strategy`` (between experiences) to ``path``, atomically."""
-    _reattach_torch_optim_submodules()
-    atomic_write(path, lambda tmp: _avalanche_save(strategy, tmp))
+def save_checkpoint(strategy, path: str | os.PathLike, meta: Optional[dict] = None) -> None:
+    """Save ``strategy`` (between experiences) to ``path``, atomically, with
+    ``meta`` (plain values) for :func:`load_checkpoint` to check."""
+    state = strategy_state(strategy)
+    state["meta"] = dict(meta or {})
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint at ``path`` as plain data, read without executing code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({type(err).__name__}: {first[:160]}); "
+            "it was not loaded: delete it to start over"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"checkpoint {path} is not an {FORMAT} file (found {found!r}); delete it to start over")
+    return state
+
+
+def load_checkpoint(strategy, path: str | os.PathLike, experiences: Sequence = (), expect: Optional[dict] = None) -> int:
+    """Restore ``strategy`` from ``path``; returns the number of training
+    experiences it had finished (the index of the next one).
+
+    ``strategy`` must be built as the saved one was; ``experiences`` is the
+    training stream (needed to find a replay memory's samples); ``expect``
+    is compared with the ``meta`` the file was saved with, key by key."""
+    state = read_checkpoint(path)
+    if expect is not None:
+        check_meta(state.get("meta", {}), expect, str(path))
+    try:
+        load_strategy_state(strategy, state, experiences)
+    except CheckpointError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from None
+    return int(state["clock"]["train_exp_counter"])
 
 
 def maybe_load_checkpoint(
-    strategy, path: str | os.PathLike, map_location: Optional[str | torch.device] = None
+    strategy, path: str | os.PathLike, experiences: Sequence = (), expect: Optional[dict] = None
 ) -> Tuple[object, int]:
-    """Restore ``strategy`` from ``path`` if it exists; returns the strategy
-    and the index of the next training experience (0 without a checkpoint).
-
-    The strategy must be built the same way as the one that was saved."""
+    """:func:`load_checkpoint` if ``path`` exists; returns the strategy and the
+    index of the next training experience (0 without a checkpoint)."""
     if not os.path.exists(path):
         return strategy, 0
+    return strategy, load_checkpoint(strategy, path, experiences, expect)
+
+
+def check_meta(saved: dict, expected: dict, where: str) -> None:
+    """Refuse a checkpoint whose ``meta`` differs from ``expected``."""
+    for key in sorted(set(saved) | set(expected)):
+        if saved.get(key) != expected.get(key):
+            a, b = saved.get(key), expected.get(key)
+            if isinstance(a, dict) and isinstance(b, dict):  # name the inner key
+                inner = next(k for k in sorted(set(a) | set(b), key=str) if a.get(k) != b.get(k))
+                key, a, b = f"{key}.{inner}", a.get(inner), b.get(inner)
+            raise CheckpointError(
+                f"checkpoint {where} belongs to another run ({key}: {a!r} there, {b!r} now); "
+                "use the same options or another checkpoint folder"
+            )
+
+
+def check_can_save(strategy) -> None:
+    """Raise :class:`CheckpointError` now, before any training, if a plugin of
+    ``strategy`` has no checkpoint handler."""
+    for plugin in strategy.plugins:
+        _handler(plugin)
+
+
+# -- the whole strategy -----------------------------------------------------------------------
+def strategy_state(strategy) -> dict:
+    """Everything :func:`load_strategy_state` needs, as tensors and plain values."""
+    model = strategy.model
+    names = {id(p): n for n, p in model.named_parameters()}
+    # Parameters by name; a parameter the model no longer has (a head replaced
+    # when it grew, kept by Avalanche's optimizer update) by its shape only.
+    optimizer_names = [
+        [names.get(id(p), list(p.shape)) for p in group["params"]] for group in strategy.optimizer.param_groups
+    ]
+    plugins = []
+    for plugin in strategy.plugins:
+        handler = _handler(plugin)
+        plugins.append({"type": type(plugin).__name__, "state": handler.save(plugin, strategy)})
+    return {
+        "format": FORMAT,
+        "strategy_type": type(strategy).__name__,
+        "model": model.state_dict(),
+        "optimizer": strategy.optimizer.state_dict(),
+        "optimizer_names": optimizer_names,
+        "plugins": plugins,
+        "strategy": _strategy_extra_state(strategy),
+        "clock": _clock_state(strategy.clock),
+        "rng": rng_state(),
+    }
+
+
+def load_strategy_state(strategy, state: dict, experiences: Sequence = ()) -> None:
+    """Restore :func:`strategy_state`'s ``state`` into a freshly built ``strategy``."""
+    if state.get("strategy_type") != type(strategy).__name__:
+        raise CheckpointError(f"saved from a {state.get('strategy_type')} strategy, restoring into a {type(strategy).__name__}")
+    saved_types = [p["type"] for p in state["plugins"]]
+    types = [type(p).__name__ for p in strategy.plugins]
+    if saved_types != types:
+        raise CheckpointError(f"saved with plugins {saved_types}, this strategy has {types}")
+    context = _Context(strategy, list(experiences), state["model"])
+    pairs = list(zip(strategy.plugins, state["plugins"]))
+    model = strategy.model
+    for plugin, saved in pairs:  # 1. structure
+        _handler(plugin).prepare(plugin, saved["state"], context)
+    conform_incremental_classifiers(model, state["model"])
     try:
-        return _avalanche_load(strategy, str(path), map_location=map_location)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); delete it to start over") from None
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
+        raise CheckpointError(f"the model does not match the saved one ({detail})") from None
+    _load_optimizer(strategy, state)  # 2. optimizer, by parameter name
+    for plugin, saved in pairs:  # 3. plugins
+        _handler(plugin).load(plugin, saved["state"], context)
+    _load_strategy_extra_state(strategy, state["strategy"], context)
+    for key, value in state["clock"].items():
+        setattr(strategy.clock, key, int(value))
+    set_rng_state(state["rng"])  # 4. last: nothing above may draw
 
 
-__all__ = ["TMP_SUFFIX", "atomic_write", "remove_stale_temporaries", "maybe_load_checkpoint", "save_checkpoint"]
+def _load_optimizer(strategy, state: dict) -> None:
+    named = dict(strategy.model.named_parameters())
+    groups = strategy.optimizer.param_groups
+    if len(groups) != len(state["optimizer_names"]):
+        raise CheckpointError(f"the optimizer has {len(groups)} parameter groups, the saved one {len(state['optimizer_names'])}")
+    chosen = {}
+    device = next(strategy.model.parameters()).device
+    for group, names in zip(groups, state["optimizer_names"]):
+        unknown = [n for n in names if isinstance(n, str) and n not in named]
+        if unknown:
+            raise CheckpointError(f"the saved optimizer trains {unknown[0]!r}, which this model does not have")
+        # a detached parameter stands in for one the model dropped: it never gets a gradient
+        group["params"] = [named[n] if isinstance(n, str) else nn.Parameter(torch.zeros(n, device=device)) for n in names]
+        chosen.update((n, named[n]) for n in names if isinstance(n, str))
+    strategy.optimizer.load_state_dict(state["optimizer"])
+    # Avalanche re-maps the optimizer by these names at the next experience
+    # (momentum kept); without them it would reset the optimizer's state.
+    strategy.optimized_param_id = chosen
+
+
+def conform_incremental_classifiers(model: nn.Module, state: dict) -> None:
+    """Resize every Avalanche ``IncrementalClassifier`` of ``model`` to the
+    width its entry in ``state`` (a model ``state_dict``) has."""
+    from avalanche.models import IncrementalClassifier
+
+    for name, module in model.named_modules():
+        if not isinstance(module, IncrementalClassifier):
+            continue
+        key = f"{name}.classifier.weight" if name else "classifier.weight"
+        if key not in state:
+            continue
+        rows, cols = state[key].shape
+        linear = module.classifier
+        device = linear.weight.device
+        if linear.out_features != rows or linear.in_features != cols:
+            module.classifier = nn.Linear(cols, rows, bias=linear.bias is not None).to(device)
+        units = state.get(key.replace("classifier.weight", "active_units"))
+        if units is not None and units.shape != module.active_units.shape:  # (not grown when masking is off)
+            module.active_units = torch.zeros(units.shape, dtype=units.dtype, device=device)
+
+
+# -- random generators and the clock ------------------------------------------------------------
+def rng_state() -> dict:
+    """The states of torch's, CUDA's, numpy's and Python's generators."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s generators."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(_tuples(state["python"]))
+
+
+def _tuples(value):
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _clock_state(clock) -> dict:
+    return {k: int(v) for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+# -- plugin handlers -------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    strategy: Any
+    experiences: List
+    model_state: dict
+    _pool: Any = None
+    _positions: Optional[Dict[int, int]] = None
+
+    def samples(self, ids: Sequence[int]):
+        """The training samples with these ``sample_id``\\ s, in this order."""
+        if self._pool is None:
+            if not self.experiences:
+                raise CheckpointError("restoring a replay memory needs the training stream (pass experiences=...)")
+            from avalanche.benchmarks.utils.utils import concat_datasets
+
+            self._pool = concat_datasets([e.dataset for e in self.experiences])
+            self._positions = {int(s): i for i, s in enumerate(sample_ids(self._pool))}
+        try:
+            return self._pool.subset([self._positions[int(i)] for i in ids])
+        except KeyError as err:
+            raise CheckpointError(f"sample {err.args[0]} of the saved memory is not in this training stream") from None
+
+
+def sample_ids(dataset) -> List[int]:
+    """The ``sample_id`` attribute of an Avalanche dataset, as ints."""
+    ids = getattr(dataset, "sample_id", None)
+    if ids is None:
+        raise CheckpointError(
+            "a replay memory can only be checkpointed over datasets with a sample_id attribute: build the stream "
+            "with avalanche_m2kd.datasets.make_benchmark, or add ids with avalanche_m2kd.datasets.with_sample_ids"
+        )
+    return [int(i) for i in ids]
+
+
+@dataclass
+class PluginState:
+    """How one plugin class is saved and restored: ``save(plugin, strategy) ->
+    dict``; ``load(plugin, state, context)``; ``prepare(plugin, state,
+    context)`` regrows model structure before the model's weights are loaded."""
+
+    save: Callable[[Any, Any], dict]
+    load: Callable[[Any, dict, _Context], None] = lambda plugin, state, context: None
+    prepare: Callable[[Any, dict, _Context], None] = lambda plugin, state, context: None
+
+
+PLUGIN_STATE: Dict[type, PluginState] = {}
+"""Handlers by plugin class (the most specific class in a plugin's MRO wins)."""
+
+
+def register_plugin_state(cls: type, save, load=None, prepare=None) -> None:
+    """Teach checkpoints to save and restore plugins of class ``cls``."""
+    _ensure_handlers()  # built-in handlers first, so that this one can replace them
+    PLUGIN_STATE[cls] = PluginState(save, load or PluginState.load, prepare or PluginState.prepare)
+
+
+_STATELESS = PluginState(lambda plugin, strategy: {})
+
+
+def _handler(plugin) -> PluginState:
+    _ensure_handlers()
+    for cls in type(plugin).__mro__:
+        if cls in PLUGIN_STATE:
+            return PLUGIN_STATE[cls]
+    raise CheckpointError(
+        f"no checkpoint handler for plugin {type(plugin).__name__}; register one with "
+        "avalanche_m2kd.checkpoint.register_plugin_state (or train without checkpoints)"
+    )
+
+
+def _module_copy(model: nn.Module, state: Optional[dict]) -> Optional[nn.Module]:
+    """A frozen copy of ``model`` holding ``state`` (for previous-model teachers)."""
+    import copy
+
+    if state is None:
+        return None
+    other = copy.deepcopy(model)
+    other.load_state_dict(state)
+    return other
+
+
+def _buffer_state(policy) -> dict:
+    """A class-balanced ``ParametricBuffer``'s groups as sample ids."""
+    return {
+        "seen_groups": sorted(int(g) for g in policy.seen_groups),
+        "groups": {int(g): {"max_size": int(b.max_size), "ids": sample_ids(b.buffer)} for g, b in policy.buffer_groups.items()},
+        "max_size": int(policy.max_size),
+    }
+
+
+def _load_buffer(policy, state: dict, context: _Context) -> None:
+    from avalanche.training.storage_policy import _ParametricSingleBuffer
+
+    policy.max_size = state["max_size"]
+    policy.seen_groups = set(state["seen_groups"])
+    policy.buffer_groups = {}
+    for group, saved in state["groups"].items():
+        single = _ParametricSingleBuffer(saved["max_size"], policy.selection_strategy)
+        single.buffer = context.samples(saved["ids"])
+        policy.buffer_groups[group] = single
+
+
+def _replay_save(plugin, strategy) -> dict:
+    from avalanche.training.storage_policy import ParametricBuffer
+
+    if not isinstance(plugin.storage_policy, ParametricBuffer):
+        raise CheckpointError(f"{type(plugin).__name__}: only ParametricBuffer memories can be checkpointed")
+    return {"memory": _buffer_state(plugin.storage_policy)}
+
+
+def _register_builtin_handlers() -> None:
+    from avalanche.training.losses import ICaRLLossPlugin
+    from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin, LwFPlugin, ReplayPlugin
+    from avalanche.training.plugins.clock import Clock
+    from avalanche.training.templates.base_sgd import PeriodicEval
+    from avalanche.training.supervised.icarl import _ICaRLPlugin
+
+    from .distributed import DataParallelSync
+    from .metrics import IncrementalMetrics
+    from .plugins.ed import EducationDistillationPlugin
+    from .plugins.m2kd import M2KDPlugin
+    from .plugins.nme import NMEClassifierPlugin
+    from .precision import MixedPrecisionPlugin
+
+    for cls in (Clock, PeriodicEval, DataParallelSync):  # configuration only; the clock is restored with the strategy
+        PLUGIN_STATE[cls] = _STATELESS
+
+    # M2KD: its own state_dict; the auxiliary heads are regrown before the model loads.
+    def m2kd_prepare(plugin, state, context):
+        if state["state"]["groups"]:
+            example = torch.as_tensor(context.experiences[0].dataset.eval()[0][0]) if context.experiences else None
+            if example is None and plugin.uses_aux_heads:
+                raise CheckpointError("restoring M2KD's auxiliary heads needs the training stream (pass experiences=...)")
+            if example is not None:
+                plugin.prepare_model(context.strategy.model, example.to(next(context.strategy.model.parameters()).device))
+
+    register_plugin_state(
+        M2KDPlugin,
+        lambda p, s: {"state": p.state_dict()},
+        lambda p, state, c: p.load_state_dict(state["state"]),
+        m2kd_prepare,
+    )
+
+    # ED: the student regrows to its saved depth; trained teachers are rebuilt by the factory.
+    def ed_save(p, strategy):
+        return {
+            "stage_classes": [list(c) for c in p.stage_classes],
+            "teacher_lrs": [list(r) for r in p.teacher_lrs],
+            "teachers": [{"classes": t.classes, "columns": t.columns, "state": t.module.state_dict()} for t in p.teachers],
+            "finished": len(p._finished_data),
+            "memory": _buffer_state(p._memory) if p._memory is not None else None,
+        }
+
+    def ed_prepare(p, state, c):
+        from .models.ed_student import EDStudent, grow_student_to_state
+
+        if isinstance(c.strategy.model, EDStudent):
+            grow_student_to_state(c.strategy.model, c.model_state)
+
+    def ed_load(p, state, c):
+        from .teachers import GroupTeacher
+
+        given = len(p.teachers)
+        for i, saved in enumerate(state["teachers"]):
+            if i < given:
+                p.teachers[i].module.load_state_dict(saved["state"])
+                continue
+            if p.teacher_factory is None:
+                raise CheckpointError(f"ED: the checkpoint has {len(state['teachers'])} teachers, this plugin {given}")
+            module = p.teacher_factory(len(saved["classes"])).to(c.strategy.device)
+            module.load_state_dict(saved["state"])
+            p.teachers.append(GroupTeacher(module, saved["classes"], saved["columns"]))
+        p.stage_classes = [list(x) for x in state["stage_classes"]]
+        p.teacher_lrs = [list(x) for x in state["teacher_lrs"]]
+        p._finished_data = [c.experiences[i].dataset for i in range(state["finished"])]
+        if state["memory"] is not None:
+            _load_buffer(p._memory, state["memory"], c)
+        if p.stage_classes:
+            p._params_after_last_stage = {id(q) for q in c.strategy.model.parameters()}
+
+    register_plugin_state(EducationDistillationPlugin, ed_save, ed_load, ed_prepare)
+
+    # Exemplar memories: sample ids. Our NME classifier: its class means.
+    register_plugin_state(ReplayPlugin, _replay_save, lambda p, state, c: _load_buffer(p.storage_policy, state["memory"], c))
+
+    def nme_load(p, state, c):
+        p.class_means = {int(k): v.to(c.strategy.device) for k, v in state["class_means"].items()}
+        if p.class_means:
+            p.ncm.replace_class_means_dict(p.class_means)
+
+    register_plugin_state(NMEClassifierPlugin, lambda p, s: {"class_means": dict(p.class_means)}, nme_load)
+
+    # Avalanche's LwF and iCaRL keep a copy of the previous model.
+    def lwf_save(p, strategy):
+        lwf = p.lwf
+        return {
+            "prev_model": None if lwf.prev_model is None else lwf.prev_model.state_dict(),
+            "expcount": int(lwf.expcount),
+            "prev_classes_by_task": {int(t): sorted(int(x) for x in v) for t, v in lwf.prev_classes_by_task.items()},
+        }
+
+    def lwf_load(p, state, c):
+        lwf = p.lwf
+        lwf.prev_model = _module_copy(c.strategy.model, state["prev_model"])
+        lwf.expcount = state["expcount"]
+        for t, classes in state["prev_classes_by_task"].items():
+            lwf.prev_classes_by_task[t] = set(classes)
+
+    register_plugin_state(LwFPlugin, lwf_save, lwf_load)
+
+    def icarl_loss_load(p, state, c):
+        p.old_classes = list(state["old_classes"])
+        p.old_model = _module_copy(c.strategy.model, state["old_model"])
+
+    register_plugin_state(
+        ICaRLLossPlugin,
+        lambda p, s: {"old_classes": [int(x) for x in p.old_classes], "old_model": None if p.old_model is None else p.old_model.state_dict()},
+        icarl_loss_load,
+    )
+
+    def icarl_save(p, strategy):
+        return {
+            "x_memory": [x.cpu() for x in p.x_memory],
+            "y_memory": [[int(y) for y in ys] for ys in p.y_memory],
+            "order": [x.cpu() if torch.is_tensor(x) else x for x in p.order],
+            "observed_classes": [int(x) for x in p.observed_classes],
+            "class_means": {int(k): v.cpu() for k, v in p.class_means.items()},
+            "sizes": [None if v is None else [int(x) for x in v] if isinstance(v, (tuple, torch.Size)) else int(v)
+                      for v in (p.embedding_size, p.output_size, p.input_size)],
+        }
+
+    def icarl_prepare(p, state, c):
+        if state["class_means"]:  # the eval classifier's mean table has the saved shape before the model loads
+            c.strategy.model.eval_classifier.replace_class_means_dict(
+                {k: v.to(c.strategy.device) for k, v in state["class_means"].items()}
+            )
+
+    def icarl_load(p, state, c):
+        device = c.strategy.device
+        p.x_memory = list(state["x_memory"])
+        p.y_memory = [list(y) for y in state["y_memory"]]
+        p.order = list(state["order"])
+        p.observed_classes = list(state["observed_classes"])
+        p.class_means = {k: v.to(device) for k, v in state["class_means"].items()}
+        emb, out, inp = state["sizes"]
+        p.embedding_size, p.output_size = emb, out
+        p.input_size = None if inp is None else torch.Size(inp)
+
+    register_plugin_state(_ICaRLPlugin, icarl_save, icarl_load, icarl_prepare)
+
+    # Schedulers: their state_dict (milestones are configuration, rebuilt with the plugin).
+    def scheduler_save(p, strategy):
+        return {"scheduler": {k: v for k, v in p.scheduler.state_dict().items() if k != "milestones"}}
+
+    def scheduler_load(p, state, c):
+        merged = dict(p.scheduler.state_dict())
+        merged.update(state["scheduler"])
+        p.scheduler.load_state_dict(merged)
+
+    register_plugin_state(LRSchedulerPlugin, scheduler_save, scheduler_load)
+
+    def precision_load(p, state, c):
+        if state["scaler"] is not None:
+            p.before_training(c.strategy)  # creates the scaler and routes the steps through it
+            p.scaler.load_state_dict(state["scaler"])
+
+    register_plugin_state(
+        MixedPrecisionPlugin,
+        lambda p, s: {"scaler": None if p.scaler is None else p.scaler.state_dict()},
+        precision_load,
+    )
+
+    # The evaluator: IncrementalMetrics' counts (other metrics restart).
+    def evaluator_save(p, strategy):
+        return {"incremental": [m.state_dict() for m in p.metrics if isinstance(m, IncrementalMetrics)]}
+
+    def evaluator_load(p, state, c):
+        for metric, saved in zip([m for m in p.metrics if isinstance(m, IncrementalMetrics)], state["incremental"]):
+            metric.load_state_dict(saved)
+
+    register_plugin_state(EvaluationPlugin, evaluator_save, evaluator_load)
+
+
+def _strategy_extra_state(strategy) -> dict:
+    from avalanche.training.supervised import Cumulative
+
+    if isinstance(strategy, Cumulative):  # all data so far: the first n experiences
+        return {"cumulative_experiences": int(strategy.clock.train_exp_counter) if strategy.dataset is not None else 0}
+    return {}
+
+
+def _load_strategy_extra_state(strategy, state: dict, context: _Context) -> None:
+    n = state.get("cumulative_experiences", 0)
+    if n:
+        from avalanche.benchmarks.utils.utils import concat_datasets
+
+        strategy.dataset = concat_datasets([e.dataset for e in context.experiences[:n]])
+
+
+_builtin_handlers_registered = False
+
+
+def _ensure_handlers() -> None:
+    """Register the built-in handlers on first use (they import the plugins,
+    which import this package)."""
+    global _builtin_handlers_registered
+    if not _builtin_handlers_registered:
+        _builtin_handlers_registered = True
+        _register_builtin_handlers()
+
+
+__all__ = [
+    "FORMAT",
+    "PLUGIN_STATE",
+    "TMP_SUFFIX",
+    "CheckpointError",
+    "PluginState",
+    "atomic_write",
+    "check_can_save",
+    "check_meta",
+    "conform_incremental_classifiers",
+    "load_checkpoint",
+    "load_strategy_state",
+    "maybe_load_checkpoint",
+    "read_checkpoint",
+    "register_plugin_state",
+    "remove_stale_temporaries",
+    "rng_state",
+    "sample_ids",
+    "save_checkpoint",
+    "set_rng_state",
+    "strategy_state",
+]

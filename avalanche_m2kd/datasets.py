@@ -413,6 +413,22 @@ def experience_sizes(n_classes: int, n_experiences: int) -> List[int]:
     return sizes
 
 
+def with_sample_ids(dataset, ids: Optional[Sequence[int]] = None):
+    """``dataset`` as an Avalanche classification dataset with a ``sample_id``
+    attribute (default ``0..len-1``). Subsets and concatenations keep it, so a
+    replay memory drawn from the stream can be checkpointed as ids
+    (:mod:`avalanche_m2kd.checkpoint`); batches are unchanged."""
+    from avalanche.benchmarks.utils import DataAttribute, _make_taskaware_classification_dataset
+    from avalanche.benchmarks.utils.data import AvalancheDataset
+
+    ids = list(range(len(dataset))) if ids is None else [int(i) for i in ids]
+    if len(ids) != len(dataset) or len(set(ids)) != len(ids):
+        raise ValueError(f"with_sample_ids: need {len(dataset)} distinct ids, got {len(ids)} ({len(set(ids))} distinct)")
+    if not isinstance(dataset, AvalancheDataset):
+        dataset = _make_taskaware_classification_dataset(dataset)
+    return type(dataset)([dataset], data_attributes=[DataAttribute(ids, "sample_id", use_in_getitem=False)])
+
+
 def make_benchmark(
     data: ImageArrays,
     n_experiences: int,
@@ -434,7 +450,7 @@ def make_benchmark(
     sizes = list(sizes) if sizes is not None else experience_sizes(len(order), n_experiences)
     if len(sizes) != n_experiences or sum(sizes) != len(order) or min(sizes) < 1:
         raise DatasetError(f"experience sizes {sizes} must be {n_experiences} positive counts summing to {len(order)}")
-    train = TensorDataset(torch.from_numpy(np.ascontiguousarray(data.x_train)), torch.from_numpy(data.y_train))
+    train = with_sample_ids(TensorDataset(torch.from_numpy(np.ascontiguousarray(data.x_train)), torch.from_numpy(data.y_train)))
     test = TensorDataset(torch.from_numpy(np.ascontiguousarray(data.x_test)), torch.from_numpy(data.y_test))
     return nc_benchmark(
         train,
@@ -457,6 +473,7 @@ def split_digits(n_experiences: int = 5, class_order: Optional[Sequence[int]] = 
 
 __all__ = [
     "CLASS_ORDERS",
+    "with_sample_ids",
     "DATASETS",
     "DATA_SPLIT_SEED",
     "DatasetError",

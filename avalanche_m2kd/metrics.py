@@ -136,6 +136,24 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
         self._counts.clear()
         self._sizes.clear()
 
+    def state_dict(self) -> dict:
+        """The counts recorded so far, as plain values (for checkpoints)."""
+        return {
+            "counts": [[i, j, c, t] for (i, j), (c, t) in sorted(self._counts.items())],
+            "sizes": {int(k): int(v) for k, v in self._sizes.items()},
+            "row": self._row,
+            "training_row": self._training_row,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self._counts.clear()
+        for i, j, c, t in state["counts"]:
+            self._counts[(int(i), int(j))] = [int(c), int(t)]
+        self._sizes = {int(k): int(v) for k, v in state["sizes"].items()}
+        self._row = int(state["row"])
+        self._training_row = state["training_row"]
+
     def matrix(self) -> np.ndarray:
         """``R x C`` accuracies recorded so far (NaN where not evaluated)."""
         if not self._counts:

@@ -216,7 +216,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transfor
     from avalanche.training.plugins import EvaluationPlugin
     from benchmarks.strategies import Setup, build_strategy, learning_rate, snapshot_bytes, snapshot_state
 
-    from avalanche_m2kd.checkpoint import maybe_load_checkpoint, save_checkpoint
+    from avalanche_m2kd.checkpoint import CheckpointError, check_can_save, load_checkpoint, save_checkpoint
     from avalanche_m2kd.distributed import DataParallelSync, is_distributed, state_hash
     from avalanche_m2kd.metrics import IncrementalMetrics, summarize
 
@@ -228,12 +228,18 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transfor
     setup = Setup(config, data.n_classes, data.input_shape, config["device"], evaluator, buffer_transform, first)
     strategy = build_strategy(name, setup)
     start, elapsed = 0, 0.0
-    if ckpt is not None and ckpt.resume:
-        strategy, start = maybe_load_checkpoint(strategy, ckpt.path, map_location=config["device"])
+    experiences = list(benchmark.train_stream)
+    meta = checkpoint_meta(name, seed, config)
+    try:
+        if ckpt is not None:
+            check_can_save(strategy)
+        if ckpt is not None and ckpt.resume:
+            start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
         elapsed = ckpt.elapsed()
         progress.update(start)
     metric = next(m for m in strategy.evaluator.metrics if isinstance(m, IncrementalMetrics))
-    experiences = list(benchmark.train_stream)
     for index in range(start, len(experiences)):
         began = time.perf_counter()
         strategy.train(experiences[index], num_workers=0)
@@ -241,7 +247,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transfor
         elapsed += time.perf_counter() - began
         progress.update(1)
         if ckpt is not None:
-            ckpt.save(strategy, elapsed, save_checkpoint)
+            ckpt.save(strategy, elapsed, lambda strategy, path: save_checkpoint(strategy, path, meta))
             if ckpt.should_stop():
                 raise Stopped()
     matrix, sizes = metric.matrix(), metric.sizes()
@@ -265,6 +271,16 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transfor
         if state is not None:
             run["rank_snapshot_hashes"] = DistributedHelper.gather_all_objects(state_hash(state))
     return run
+
+
+def checkpoint_meta(name: str, seed: int, config: dict) -> dict:
+    """What a run's checkpoint must match to be resumed: the strategy, the
+    seed and every configuration key a result depends on."""
+    return {
+        "strategy": name,
+        "seed": seed,
+        "config": {k: v for k, v in config.items() if k not in CHECKPOINT_INDEPENDENT},
+    }
 
 
 class RunCheckpoint:

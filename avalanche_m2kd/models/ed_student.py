@@ -132,9 +132,9 @@ class EDStudent(DynamicModule):
         self.seen_classes = set(state["seen_classes"])
 
 
-def load_student_state(student: EDStudent, state: dict) -> EDStudent:
-    """Load a saved :class:`EDStudent` ``state_dict`` into a freshly built
-    student of the same family: grows it to the saved depth and head size first."""
+def grow_student_to_state(student: EDStudent, state: dict) -> EDStudent:
+    """Grow a freshly built :class:`EDStudent` to the depth and head width of
+    a saved ``state_dict`` (weights untouched)."""
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
     head_rows = state["head.classifier.classifier.weight"].shape[0]
     if depth > student.depth:
@@ -144,7 +144,13 @@ def load_student_state(student: EDStudent, state: dict) -> EDStudent:
         device = current.classifier.weight.device
         current.classifier = nn.Linear(current.classifier.in_features, head_rows).to(device)
         current.active_units = torch.zeros(head_rows, dtype=torch.int8, device=device)
-    student.load_state_dict(state)
+    return student
+
+
+def load_student_state(student: EDStudent, state: dict) -> EDStudent:
+    """Load a saved :class:`EDStudent` ``state_dict`` into a freshly built
+    student of the same family: grows it to the saved depth and head size first."""
+    grow_student_to_state(student, state).load_state_dict(state)
     return student
 
 
