@@ -1,7 +1,8 @@
 """avalanche-m2kd: M2KD and Education Distillation for class-incremental
 learning, as Avalanche plugins and strategies."""
 
-from . import checkpoint, datasets, distributed, exemplars, losses, metrics, models, precision
+from . import checkpoint, datasets, device_data, distributed, exemplars, losses, metrics, models, precision
+from .device_data import DeviceDataPlugin, random_crop_flip
 from .losses import M2KDLoss
 from .models import EDStudent
 from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin
@@ -19,6 +20,7 @@ from .teachers import GroupTeacher, TeacherOutput, TeacherSet
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeviceDataPlugin",
     "EDStudent",
     "EducationDistillation",
     "EducationDistillationPlugin",
@@ -36,6 +38,7 @@ __all__ = [
     "TeacherSet",
     "checkpoint",
     "datasets",
+    "device_data",
     "distributed",
     "exemplars",
     "losses",
@@ -43,4 +46,5 @@ __all__ = [
     "metrics",
     "models",
     "precision",
+    "random_crop_flip",
 ]

@@ -402,6 +402,7 @@ def _register_builtin_handlers() -> None:
     from avalanche.training.templates.base_sgd import PeriodicEval
     from avalanche.training.supervised.icarl import _ICaRLPlugin
 
+    from .device_data import DeviceDataPlugin
     from .distributed import DataParallelSync
     from .metrics import IncrementalMetrics
     from .plugins.ed import EducationDistillationPlugin
@@ -409,7 +410,7 @@ def _register_builtin_handlers() -> None:
     from .plugins.nme import NMEClassifierPlugin
     from .precision import MixedPrecisionPlugin
 
-    for cls in (Clock, PeriodicEval, DataParallelSync):  # configuration only; the clock is restored with the strategy
+    for cls in (Clock, PeriodicEval, DataParallelSync, DeviceDataPlugin):  # configuration only; the clock is restored with the strategy
         PLUGIN_STATE[cls] = _STATELESS
 
     # M2KD: its own state_dict; the auxiliary heads are regrown before the model loads.

@@ -21,6 +21,7 @@ import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--m2kd-store", choices=["full", "packnet", "sparse"], help="snapshot store of the m2kd strategies")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and teachers (fp16: CUDA only)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    p.add_argument("--device-data", action="store_true",
+                   help="hold each experience's training set on the device and augment whole batches there")
     p.add_argument("--checkpoint", help="folder for per-run checkpoints, written after every experience")
     p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint), or add runs to --out")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
@@ -119,6 +122,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config.setdefault("m2kd_store", None)
     config.setdefault("precision", "fp32")
     config["download"] = bool(args.download)
+    if args.device_data:  # absent unless asked: folders written before the option stay resumable
+        config["device_data"] = True
     if args.lr is not None:
         config["lr"] = args.lr
         config["lr_sigmoid"] = None
@@ -193,20 +198,43 @@ def prepare_data(config: dict):
             f"model {config['model']} does not fit {config['dataset']} images of shape {data.input_shape}; "
             f"choose another --model (see --list)"
         ) from None
-    train_t, eval_t = datasets.make_transforms(data, config.get("augment", False))
+    on_device = bool(config.get("device_data"))
+    train_t, eval_t = datasets.make_transforms(data, config.get("augment", False) and not on_device)
     benchmark = datasets.make_benchmark(data, config["n_experiences"], order, train_t, eval_t)
-    buffer_t = None
-    if config.get("augment"):
+    augmentation = Augmentation(on_device=on_device, augment=bool(config.get("augment")))
+    if on_device:  # pad with a black pixel, normalised, as torchvision's pad-then-normalise does
+        augmentation.fill = eval_t(torch.zeros(data.input_shape[0], 1, 1, dtype=torch.from_numpy(data.x_train[:1]).dtype)).flatten()
+    elif config.get("augment"):
         side = data.input_shape[-1]
-        buffer_t = v2.Compose([v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()])
-    return data, benchmark, order, buffer_t
+        augmentation.buffer_transform = v2.Compose([v2.RandomCrop(side, padding=4), v2.RandomHorizontalFlip()])
+    return data, benchmark, order, augmentation
+
+
+@dataclass
+class Augmentation:
+    """How training images are augmented: per sample by the datasets'
+    transforms (iCaRL's stored exemplars by ``buffer_transform``), or, with
+    ``--device-data``, a batch at a time on the device (``fill``: the
+    normalised black pixel the crop pads with)."""
+
+    on_device: bool = False
+    augment: bool = False
+    buffer_transform: Optional[object] = None
+    fill: Optional[object] = None
+
+    def last_plugins(self) -> tuple:
+        if not self.on_device:
+            return ()
+        from avalanche_m2kd.device_data import DeviceDataPlugin
+
+        return (DeviceDataPlugin(augment=self.augment, padding=4, fill=self.fill),)
 
 
 class Stopped(Exception):
     """``--stop-after`` reached: the run's checkpoint holds its state."""
 
 
-def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transform, progress, ckpt=None) -> dict:
+def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "Augmentation", progress, ckpt=None) -> dict:
     """Train ``name`` on the stream with ``seed``; evaluate after every experience.
 
     ``ckpt`` (a :class:`RunCheckpoint`) saves the strategy after every
@@ -225,7 +253,10 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, buffer_transfor
         warnings.simplefilter("ignore")
         evaluator = EvaluationPlugin(IncrementalMetrics(), loggers=[])
     first = (DataParallelSync(),) if is_distributed() else ()
-    setup = Setup(config, data.n_classes, data.input_shape, config["device"], evaluator, buffer_transform, first)
+    setup = Setup(
+        config, data.n_classes, data.input_shape, config["device"], evaluator, augmentation.buffer_transform, first,
+        augmentation.last_plugins(),
+    )
     strategy = build_strategy(name, setup)
     start, elapsed = 0, 0.0
     experiences = list(benchmark.train_stream)
@@ -479,7 +510,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     main_process = DistributedHelper.is_main_process
     quiet = args.quiet or not main_process
     lock = claim_output_folder(Path(args.out), args.resume, args.overwrite) if main_process else None  # noqa: F841
-    data, benchmark, order, buffer_t = prepare_data(config)
+    data, benchmark, order, augmentation = prepare_data(config)
     if distributed:  # each process trains on its share of the batch
         config = dict(config, batch_size=config["batch_size_per_process"])
     out = Path(args.out)
@@ -536,7 +567,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
             progress.set_description(f"{name} seed {seed}")
             ckpt = RunCheckpoint(folder, name, seed, args.resume, args.stop_after, trained) if folder else None
             try:
-                document["runs"].append(run_one(name, seed, config, data, benchmark, buffer_t, progress, ckpt))
+                document["runs"].append(run_one(name, seed, config, data, benchmark, augmentation, progress, ckpt))
             except (KeyboardInterrupt, UsageError, Stopped):
                 raise
             except Exception as err:

@@ -28,6 +28,7 @@ class Setup:
     evaluator: EvaluationPlugin
     buffer_transform: Optional[Callable] = None  # augmentation for iCaRL's stored (eval-transformed) exemplars
     first_plugins: tuple = ()  # run before every other plugin (multi-process synchronisation)
+    last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
 
 
 SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-bce", "m2kd-bce-last"}
@@ -63,7 +64,7 @@ def _plugins(optimizer, setup: "Setup", replay: bool) -> List:
         plugins.append(LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True))
     if replay and config["mem_size"] > 0:
         plugins.append(ExemplarReplay(config["mem_size"], storage_policy=class_balanced_buffer(config["mem_size"])))
-    return plugins
+    return plugins + list(setup.last_plugins)
 
 
 def _common(setup: Setup) -> dict:

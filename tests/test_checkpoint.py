@@ -20,8 +20,8 @@ def _setup(*extra):
     from benchmarks.compare import build_parser, prepare_data, resolve_config
 
     config = resolve_config(build_parser().parse_args([*TINY, "--strategies", "naive", *extra]))
-    data, benchmark, _, buffer_t = prepare_data(config)
-    return config, data, benchmark, buffer_t
+    data, benchmark, _, augmentation = prepare_data(config)
+    return config, data, benchmark, augmentation
 
 
 class _Progress:
@@ -29,19 +29,19 @@ class _Progress:
         pass
 
 
-def _run(name, config, data, benchmark, buffer_t, ckpt=None):
+def _run(name, config, data, benchmark, augmentation, ckpt=None):
     from benchmarks.compare import run_one
 
-    return run_one(name, 0, config, data, benchmark, buffer_t, _Progress(), ckpt)
+    return run_one(name, 0, config, data, benchmark, augmentation, _Progress(), ckpt)
 
 
-def _split_run(tmp_path, name, config, data, benchmark, buffer_t, after=2):
+def _split_run(tmp_path, name, config, data, benchmark, augmentation, after=2):
     """Train ``after`` experiences, checkpoint, then resume in a freshly built strategy."""
     from benchmarks.compare import RunCheckpoint, Stopped
 
     with pytest.raises(Stopped):
-        _run(name, config, data, benchmark, buffer_t, RunCheckpoint(tmp_path, name, 0, False, after, [0]))
-    return _run(name, config, data, benchmark, buffer_t, RunCheckpoint(tmp_path, name, 0, True, None, [0]))
+        _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, False, after, [0]))
+    return _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, True, None, [0]))
 
 
 @pytest.mark.parametrize(
@@ -53,12 +53,13 @@ def _split_run(tmp_path, name, config, data, benchmark, buffer_t, after=2):
         ("joint", []),
         ("m2kd-icarl", []),
         ("m2kd", ["--precision", "bf16", "--m2kd-store", "sparse"]),
+        ("m2kd-icarl", ["--device-data"]),  # batches drawn on the device from the restored generators
     ],
 )
 def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, name, extra):
-    config, data, benchmark, buffer_t = _setup(*extra)
-    straight = _run(name, config, data, benchmark, buffer_t)
-    resumed = _split_run(tmp_path, name, config, data, benchmark, buffer_t)
+    config, data, benchmark, augmentation = _setup(*extra)
+    straight = _run(name, config, data, benchmark, augmentation)
+    resumed = _split_run(tmp_path, name, config, data, benchmark, augmentation)
     assert resumed["accuracy_matrix"] == straight["accuracy_matrix"]
     assert resumed["snapshot_bytes"] == straight["snapshot_bytes"]
 
@@ -66,9 +67,9 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, name,
 def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
     from benchmarks.compare import RunCheckpoint, Stopped
 
-    config, data, benchmark, buffer_t = _setup()
+    config, data, benchmark, augmentation = _setup()
     with pytest.raises(Stopped):
-        _run("m2kd-icarl", config, data, benchmark, buffer_t, RunCheckpoint(tmp_path, "m2kd-icarl", 0, False, 1, [0]))
+        _run("m2kd-icarl", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "m2kd-icarl", 0, False, 1, [0]))
     path = tmp_path / "m2kd-icarl-seed0.ckpt"
     state = torch.load(path, weights_only=True)  # raises on anything but tensors and plain data
     assert state["format"] == checkpoint.FORMAT
