@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +132,39 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
     return -(p_teacher * log_p_student).sum(dim=1).mean()
 
 
+SampleDistillation = Callable[[Tensor, Tensor, float], Tensor]
+"""A per-sample distillation loss: ``(student_logits [n, c], teacher_logits
+[n, c], temperature) -> [n]`` losses, each already scaled as it enters the
+total (ED weighs their batch mean by ``1 - alpha``)."""
+
+
+def hinton_sample_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * soft_CE(teacher/T, student/T)`` per sample: ED's own term (its
+    code's soft cross-entropy, with Hinton's ``T^2``)."""
+    t = float(temperature)
+    p_teacher = F.softmax(teacher_logits / t, dim=1)
+    return -(p_teacher * F.log_softmax(student_logits / t, dim=1)).sum(dim=1) * (t * t)
+
+
+def logit_mse_sample_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Mean squared difference of the logits per sample (logit matching, Ba and
+    Caruana 2014); the temperature is not used."""
+    return (student_logits - teacher_logits).pow(2).mean(dim=1)
+
+
+SAMPLE_DISTILLATIONS: Dict[str, SampleDistillation] = {"hinton": hinton_sample_loss, "logit_mse": logit_mse_sample_loss}
+"""The per-sample distillation losses known by name."""
+
+
+def sample_distillation(spec: "str | SampleDistillation") -> SampleDistillation:
+    """A :data:`SampleDistillation` from a name in :data:`SAMPLE_DISTILLATIONS` or a callable."""
+    if callable(spec):
+        return spec
+    if spec not in SAMPLE_DISTILLATIONS:
+        raise ValueError(f"unknown distillation {spec!r}; choose from {', '.join(SAMPLE_DISTILLATIONS)} or pass a callable")
+    return SAMPLE_DISTILLATIONS[spec]
+
+
 def distill_group_logits(
     student_logits: Tensor,
     teacher_logits: Sequence[Tensor],
@@ -220,13 +253,14 @@ def education_distillation_loss(
     groups: Sequence[Group | Tensor],
     alpha: float = 0.3,
     temperature: float = 4.0,
+    distillation: "str | SampleDistillation" = "hinton",
 ) -> Tensor:
-    """ED's loss: ``alpha * CE(z, y) + (1 - alpha) * T^2 * KD``.
+    """ED's loss: ``alpha * CE(z, y) + (1 - alpha) * KD``.
 
-    Each sample is distilled only from the teacher of its own stage: for a
-    sample of stage k, ``KD = soft_CE(teacher_k(x)/T, z[C_k]/T)`` with the
-    softmax over stage k's logit slice only [ED code]. KD is averaged over the
-    whole batch (samples of every stage together).
+    Each sample is distilled only from the teacher of its own stage, on stage
+    k's logit slice ``z[C_k]`` only [ED code]; by default
+    (``distillation="hinton"``) ``KD = T^2 * soft_CE(teacher_k(x)/T, z[C_k]/T)``.
+    KD is averaged over the whole batch (samples of every stage together).
 
     Args:
         student_logits: ``[B, n_classes]``; column = global class id.
@@ -238,24 +272,24 @@ def education_distillation_loss(
         groups: per stage, its global class ids (teacher column order).
         alpha: weight of the cross-entropy; ``alpha = 1`` is plain CE.
         temperature: distillation temperature ``T``.
+        distillation: the per-sample distillation loss, a name in
+            :data:`SAMPLE_DISTILLATIONS` or a :data:`SampleDistillation`
+            (ED "combined with distillation algorithms").
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"education_distillation_loss: alpha must be in [0, 1], got {alpha}")
+    distill = sample_distillation(distillation)
     ce = F.cross_entropy(student_logits, targets)
     if alpha == 1.0:
         return ce
-    batch = student_logits.shape[0]
-    t = float(temperature)
     kd_sum = student_logits.new_zeros(())
     for logits_k, index_k, group in zip(teacher_logits, sample_index, groups):
         if index_k.numel() == 0:
             continue
         columns = _columns(student_logits, group, "education_distillation_loss")
         student_k = student_logits.index_select(0, index_k).index_select(1, columns)
-        # soft_cross_entropy averages over its n_k rows; re-weight to a batch mean.
-        kd_sum = kd_sum + soft_cross_entropy(student_k, logits_k, t) * index_k.numel()
-    kd = kd_sum / batch
-    return alpha * ce + (1.0 - alpha) * t * t * kd
+        kd_sum = kd_sum + distill(student_k, logits_k.to(student_k.dtype), float(temperature)).sum()
+    return alpha * ce + (1.0 - alpha) * kd_sum / student_logits.shape[0]
 
 
 def class_positions(classes: Sequence[int] | Tensor, targets: Tensor) -> Tensor:
@@ -502,6 +536,11 @@ __all__ = [
     "feature_distance",
     "group_sigmoid_targets",
     "group_weights",
+    "hinton_sample_loss",
+    "logit_mse_sample_loss",
+    "sample_distillation",
+    "SAMPLE_DISTILLATIONS",
+    "SampleDistillation",
     "kl_distillation",
     "sigmoid_distillation_loss",
     "soft_cross_entropy",

@@ -175,6 +175,37 @@ def test_education_distillation_alpha_one_is_exactly_cross_entropy():
         education_distillation_loss(z, y, teachers, index, [[0, 1], [2, 3, 4]], alpha=1.5)
 
 
+def test_education_distillation_takes_another_per_sample_loss():
+    """ED "combined with distillation algorithms": logit matching in place of
+    the soft cross-entropy, routed by stage the same way."""
+    z = torch.tensor(STUDENT + [[0.3, 0.1, -0.2, 0.0, 0.4]])
+    y = torch.tensor([1, 3, 4])
+    groups = [[0, 1], [2, 3, 4]]
+    t0 = torch.tensor([[0.2, 1.1]])
+    t1 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 2.0]])
+    index = [torch.tensor([0]), torch.tensor([1, 2])]
+    rows = z.tolist()
+    ce = -sum(math.log(softmax(rows[b])[label]) for b, label in enumerate(y.tolist())) / 3
+    mse = 0.0
+    for stage, idx in enumerate(index):
+        for j, b in enumerate(idx.tolist()):
+            teacher = (t0, t1)[stage][j].tolist()
+            mse += sum((rows[b][c] - t) ** 2 for c, t in zip(groups[stage], teacher)) / len(teacher)
+    expected = 0.3 * ce + 0.7 * mse / 3
+    got = education_distillation_loss(z, y, [t0, t1], index, groups, 0.3, 4.0, distillation="logit_mse")
+    assert got.item() == pytest.approx(expected, abs=1e-5)
+    calls = []
+
+    def custom(student, teacher, temperature):
+        calls.append((tuple(student.shape), temperature))
+        return student.new_ones(student.shape[0])
+
+    got = education_distillation_loss(z, y, [t0, t1], index, groups, 0.5, 2.0, distillation=custom)
+    assert got.item() == pytest.approx(0.5 * ce + 0.5, abs=1e-5) and calls == [((1, 2), 2.0), ((2, 3), 2.0)]
+    with pytest.raises(ValueError, match="unknown distillation 'dkd'; choose from hinton, logit_mse"):
+        education_distillation_loss(z, y, [t0, t1], index, groups, distillation="dkd")
+
+
 def test_group_sigmoid_targets_take_each_old_class_from_its_own_snapshot():
     y = torch.tensor([4, 2])
     columns = [0, 1, 2, 3, 4]

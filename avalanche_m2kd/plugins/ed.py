@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import check_batch, check_is_criterion, check_stream, experience_index
 from ..distributed import broadcast_module
-from ..losses import TeacherOutput, education_distillation_loss
+from ..losses import SampleDistillation, TeacherOutput, education_distillation_loss, sample_distillation
 from ..precision import Precision, check_precision
 from ..teachers import GroupTeacher, TeacherSet
 
@@ -77,7 +77,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     Stages are training experiences. For a sample of stage ``k`` the loss is
     ``alpha * CE(z, y) + (1 - alpha) * T^2 * softCE(teacher_k(x)/T, z[C_k]/T)``,
-    with the softmax over stage ``k``'s logit slice only [ED code]. The plugin
+    with the softmax over stage ``k``'s logit slice only [ED code] (the
+    distillation term is swappable: ``distillation``). The plugin
     is the strategy's criterion (pass ``criterion=plugin``, as the
     :class:`~avalanche_m2kd.EducationDistillation` strategy does); in
     evaluation it is plain cross-entropy.
@@ -104,6 +105,11 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         alpha: weight of the cross-entropy. Default 0.3 [code]; 1 is plain
             cross-entropy (teachers are then neither trained nor run).
         temperature: default 4 [code].
+        distillation: the per-sample distillation loss on each stage's logit
+            slice: ``"hinton"`` (default, the code's ``T^2``-scaled soft
+            cross-entropy), ``"logit_mse"``, or any callable
+            ``(student [n, c], teacher [n, c], T) -> [n]`` (ED "combined with
+            distillation algorithms"; see :data:`avalanche_m2kd.losses.SAMPLE_DISTILLATIONS`).
         revisit: data of earlier stages used at each stage: ``"all"`` (default,
             as the authors' code) or an exemplar memory size (class-balanced,
             random; ``0`` = a strict continual-learning run with no old data) for
@@ -135,6 +141,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_precision: Precision = "fp32",
         alpha: float = 0.3,
         temperature: float = 4.0,
+        distillation: Union[str, SampleDistillation] = "hinton",
         revisit: Union[Literal["all"], int] = "all",
         order: Literal["mixed", "sequential"] = "mixed",
         stage_epochs: Optional[Sequence[int]] = None,
@@ -166,6 +173,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher_precision = teacher_precision
         self.alpha = float(alpha)
         self.temperature = float(temperature)
+        self.distillation = distillation
+        self._distill = sample_distillation(distillation)  # unknown names fail here, before training
         self.revisit = revisit
         self.order = order
         self.stage_epochs = list(stage_epochs) if stage_epochs is not None else None
@@ -228,7 +237,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         index, outputs = self._routed
         groups = self._teacher_set.groups
         return education_distillation_loss(
-            logits, targets, [o.logits for o in outputs], index, groups, self.alpha, self.temperature
+            logits, targets, [o.logits for o in outputs], index, groups, self.alpha, self.temperature, self._distill
         )
 
     # -- Avalanche hooks --------------------------------------------------------------------
