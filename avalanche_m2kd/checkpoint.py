@@ -406,11 +406,12 @@ def _register_builtin_handlers() -> None:
     from .distributed import DataParallelSync
     from .metrics import IncrementalMetrics
     from .plugins.ed import EducationDistillationPlugin
+    from .plugins.kd import RoutedDistillationPlugin
     from .plugins.m2kd import M2KDPlugin
     from .plugins.nme import NMEClassifierPlugin
     from .precision import MixedPrecisionPlugin
 
-    for cls in (Clock, PeriodicEval, DataParallelSync, DeviceDataPlugin):  # configuration only; the clock is restored with the strategy
+    for cls in (Clock, PeriodicEval, DataParallelSync, DeviceDataPlugin, RoutedDistillationPlugin):  # teachers are given  # configuration only; the clock is restored with the strategy
         PLUGIN_STATE[cls] = _STATELESS
 
     # M2KD: its own state_dict; the auxiliary heads are regrown before the model loads.

@@ -19,7 +19,7 @@ through the teacher of its own group (ED); optionally
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,45 @@ class GroupTeacher:
         if self._column_index is None or self._column_index.device != device:
             self._column_index = torch.as_tensor(self.columns, dtype=torch.long, device=device)
         return self._column_index
+
+
+def train_group_teacher(
+    module: nn.Module,
+    dataset,
+    classes: Sequence[int],
+    epochs: int,
+    optimizer_factory: Callable,
+    scheduler_factory: Callable,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    lrs: Optional[List[float]] = None,
+) -> "GroupTeacher":
+    """Train ``module`` (``len(classes)`` outputs) by cross-entropy on the
+    samples of ``dataset`` (training transforms), global labels ``classes[i]``
+    mapped to local label ``i``; ``scheduler_factory(optimizer, epochs)`` is
+    stepped once per epoch and each epoch's learning rate appended to ``lrs``.
+    Returns the frozen :class:`GroupTeacher`."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    classes = [int(c) for c in classes]
+    optimizer = optimizer_factory(module.parameters())
+    lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=device)
+    lookup[classes] = torch.arange(len(classes), device=device)
+    data = dataset.train() if hasattr(dataset, "train") else dataset
+    loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=getattr(data, "collate_fn", None))
+    scheduler = scheduler_factory(optimizer, epochs)
+    module.train()
+    for _ in range(epochs):
+        if lrs is not None:
+            lrs.append(optimizer.param_groups[0]["lr"])
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1].to(device)
+            optimizer.zero_grad()
+            F.cross_entropy(module(x), lookup[y]).backward()
+            optimizer.step()
+        scheduler.step()
+    return GroupTeacher(module, classes, columns=range(len(classes)))
 
 
 _FINGERPRINT_WEIGHTS: Dict[tuple, Tensor] = {}
@@ -405,4 +444,12 @@ class TeacherSet:
         return index, outputs
 
 
-__all__ = ["GroupTeacher", "OutputCache", "TeacherOutput", "TeacherSet", "draw_teachers", "input_fingerprints"]
+__all__ = [
+    "GroupTeacher",
+    "OutputCache",
+    "TeacherOutput",
+    "TeacherSet",
+    "draw_teachers",
+    "input_fingerprints",
+    "train_group_teacher",
+]

@@ -1,6 +1,5 @@
 """Issue 8: M2KD in iCaRL's form, checked against Avalanche's iCaRL pieces."""
 
-import copy
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +8,6 @@ from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmar
 from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.losses import ICaRLLossPlugin
 from avalanche.training.supervised.icarl import _ICaRLPlugin
-from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 from torch.utils.data import TensorDataset
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models import initialize_icarl_net, make_icarl_net
-from avalanche.training.templates import SupervisedTemplate
 
 from avalanche_m2kd import M2KD, EducationDistillation, M2KDPlugin, models
 from avalanche_m2kd.plugins.ed import teacher_milestones

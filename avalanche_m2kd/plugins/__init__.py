@@ -1,7 +1,8 @@
 """Avalanche plugins: thin adapters over losses, snapshot stores and teachers."""
 
 from .ed import EducationDistillationPlugin
+from .kd import RoutedDistillationPlugin
 from .m2kd import M2KDPlugin
 from .nme import NMEClassifierPlugin
 
-__all__ = ["EducationDistillationPlugin", "M2KDPlugin", "NMEClassifierPlugin"]
+__all__ = ["EducationDistillationPlugin", "M2KDPlugin", "NMEClassifierPlugin", "RoutedDistillationPlugin"]

@@ -7,7 +7,6 @@ from collections import defaultdict
 from typing import Callable, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsSelectionStrategy
 from torch import Tensor, nn
@@ -16,9 +15,10 @@ from torch.utils.data import DataLoader
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import check_batch, check_is_criterion, check_stream, experience_index
 from ..distributed import broadcast_module
-from ..losses import SampleDistillation, TeacherOutput, education_distillation_loss, sample_distillation
+from ..losses import SampleDistillation, TeacherOutput, sample_distillation
 from ..precision import Precision, check_precision
-from ..teachers import GroupTeacher, TeacherSet
+from ..teachers import GroupTeacher, TeacherSet, train_group_teacher
+from .kd import routed_distillation_loss
 
 TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -232,12 +232,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- the loss ----------------------------------------------------------------------
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if self._routed is None:  # evaluation, or alpha == 1
-            return F.cross_entropy(logits, targets)
-        index, outputs = self._routed
-        groups = self._teacher_set.groups
-        return education_distillation_loss(
-            logits, targets, [o.logits for o in outputs], index, groups, self.alpha, self.temperature, self._distill
+        return routed_distillation_loss(
+            logits, targets, self._routed, self._teacher_set, self.alpha, self.temperature, self._distill
         )
 
     # -- Avalanche hooks --------------------------------------------------------------------
@@ -349,32 +345,22 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
     def _train_teacher(self, strategy) -> GroupTeacher:
         """Trains stage ``s``'s specialist on the experience's own data (local labels)."""
         classes = list(self.current_classes)
-        device = strategy.device
-        teacher = self.teacher_factory(len(classes)).to(device)
-        optimizer = self.teacher_optimizer(teacher.parameters())
-        lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=device)
-        lookup[classes] = torch.arange(len(classes), device=device)
-        data = strategy.experience.dataset.train()
-        loader = DataLoader(
-            data,
-            batch_size=self.teacher_batch_size or strategy.train_mb_size,
-            shuffle=True,
-            collate_fn=getattr(data, "collate_fn", None),
-        )
+        teacher = self.teacher_factory(len(classes)).to(strategy.device)
         epochs = self.teacher_epochs if self.teacher_epochs is not None else self._student_epochs(strategy)
-        scheduler = self.teacher_scheduler(optimizer, epochs)
         self.teacher_lrs.append([])
-        teacher.train()
-        for _ in range(epochs):
-            self.teacher_lrs[-1].append(optimizer.param_groups[0]["lr"])
-            for batch in loader:
-                x, y = batch[0].to(device), batch[1].to(device)
-                optimizer.zero_grad()
-                F.cross_entropy(teacher(x), lookup[y]).backward()
-                optimizer.step()
-            scheduler.step()
-        broadcast_module(teacher)  # every rank distils from the same teacher (no-op in a single process)
-        return GroupTeacher(teacher, classes, columns=range(len(classes)))
+        trained = train_group_teacher(
+            teacher,
+            strategy.experience.dataset,
+            classes,
+            epochs,
+            self.teacher_optimizer,
+            self.teacher_scheduler,
+            self.teacher_batch_size or strategy.train_mb_size,
+            strategy.device,
+            lrs=self.teacher_lrs[-1],
+        )
+        broadcast_module(trained.module)  # every rank distils from the same teacher (no-op in a single process)
+        return trained
 
     def _student_epochs(self, strategy) -> int:
         if self.stage_epochs is not None:

@@ -1,0 +1,359 @@
+"""Education Distillation judged by its own claim: the final student's top-1
+against the same student trained by cross-entropy, by single-teacher and by
+multi-teacher distillation (issue 16).
+
+    python -m benchmarks.ed_kd --preset ed-kd-cifar100-cpu --dataset npz:data/cifar100.npz --out runs/ed-kd
+
+Methods (one student architecture, data, augmentation, optimizer and budget):
+
+* ``ce``: the full student, cross-entropy only;
+* ``kd``: the full student, Hinton distillation from one teacher trained on
+  every class (ED's alpha and temperature);
+* ``mtkd``: the full student, each sample distilled from the stage teacher of
+  its class on that stage's logit slice (ED without growth or stages);
+* ``ed``: Education Distillation: the student grows stage by stage, every
+  finished stage revisited, the same stage teachers;
+* ``ed-mse``: ED with logit matching as its per-sample distillation loss.
+
+The budget is the number of sample visits: the full-student methods train
+``epochs`` epochs over all data; ED trains each of its ``S`` stages
+``2 * epochs / (S + 1)`` epochs over the data seen so far, which visits as
+many samples. Teachers are trained once per teacher folder (``--teachers``),
+with their configuration stored beside their weights and checked when they
+are loaded, and shared by every method and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from benchmarks.compare import OneLineParser, UsageError, parse_seeds, read_json
+
+PROG = "python -m benchmarks.ed_kd"
+PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
+METHODS = ("ce", "kd", "mtkd", "ed", "ed-mse")
+DESCRIPTIONS = {
+    "ce": "full student, cross-entropy only",
+    "kd": "full student, single-teacher KD (teacher on all classes)",
+    "mtkd": "full student, multi-teacher KD (each sample from its stage's teacher)",
+    "ed": "Education Distillation (growth, TR heads, stage teachers, full revisit)",
+    "ed-mse": "ED with logit matching as its distillation loss",
+}
+CLAIMS = (("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"), ("ed-mse", "ed"))
+"""(method, baseline) pairs whose per-seed differences the summary reports."""
+TEACHER_KEYS = (
+    "dataset", "stages", "class_order", "teacher", "teacher_epochs", "batch_size", "lr", "momentum",
+    "weight_decay", "milestones", "gamma", "augment", "train_per_class", "test_per_class", "precision", "teacher_seed",
+)
+"""Configuration a trained teacher depends on (checked when it is reused)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="ed-kd-digits", help="named protocol in benchmarks/presets/ed_kd")
+    p.add_argument("--dataset", help="digits, cifar100, npz:PATH, ... (as the comparison runner)")
+    p.add_argument("--data-root", help="folder holding the data set files")
+    p.add_argument("--methods", help=f"comma-separated, default all: {', '.join(METHODS)}")
+    p.add_argument("--seeds", help="comma-separated student seeds")
+    p.add_argument("--epochs", type=int, help="full-student epochs (ED's stage epochs follow)")
+    p.add_argument("--teacher-epochs", type=int)
+    p.add_argument("--train-per-class", type=int)
+    p.add_argument("--test-per-class", type=int)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--teachers", help="folder of trained teachers (default OUT/teachers)")
+    p.add_argument("--out", default="results/ed-kd")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> dict:
+    from benchmarks.compare import resolve_device
+
+    path = PRESET_DIR / f"{args.preset}.json"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        raise UsageError(f"unknown preset {args.preset!r}; choose from {known}")
+    config = read_json(path, "preset")
+    config["preset"] = args.preset
+    for key in ("dataset", "data_root", "epochs", "teacher_epochs", "train_per_class", "test_per_class", "precision"):
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = value
+    if args.seeds:
+        config["seeds"] = parse_seeds(args.seeds)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
+    config["methods"] = methods
+    config["device"] = resolve_device(args.device)
+    if config["epochs"] < 1 or config["teacher_epochs"] < 1:
+        raise UsageError("--epochs and --teacher-epochs must be >= 1")
+    return config
+
+
+# -- data --------------------------------------------------------------------------------------------
+def load_streams(config: dict):
+    """The data, ED's stage stream (``stages`` experiences, natural order) and
+    the same data as one experience, both with the preset's augmentation."""
+    from avalanche_m2kd import datasets
+
+    data = datasets.load_dataset(config["dataset"], config.get("data_root"))
+    data = datasets.check_arrays(datasets.subsample(data, config.get("train_per_class"), config.get("test_per_class")))
+    order = datasets.class_order(config["class_order"], np.unique(data.y_train))
+    train_t, eval_t = datasets.make_transforms(data, config["augment"])
+    stages = datasets.make_benchmark(data, config["stages"], order, train_t, eval_t)
+    whole = datasets.make_benchmark(data, 1, order, train_t, eval_t)
+    return data, stages, whole
+
+
+# -- teachers -----------------------------------------------------------------------------------------
+def _scheduler(milestones: List[float], gamma: float):
+    """MultiStepLR at fractions ``milestones`` of however many epochs a run has."""
+
+    def make(optimizer, epochs: int):
+        steps = sorted({max(1, round(f * epochs)) for f in milestones if round(f * epochs) < epochs})
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=gamma)
+
+    return make
+
+
+def _sgd(config: dict):
+    return lambda params: torch.optim.SGD(
+        params, lr=config["lr"], momentum=config["momentum"], weight_decay=config["weight_decay"]
+    )
+
+
+def teacher_config(config: dict, role: str) -> dict:
+    return {**{k: config.get(k) for k in TEACHER_KEYS}, "role": role}
+
+
+def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[str, object]:
+    """``{"all": GroupTeacher, "stage0": ..., ...}``: loaded from ``folder``
+    when a teacher of the same configuration is there, else trained and saved."""
+    from avalanche_m2kd import models
+    from avalanche_m2kd.checkpoint import atomic_write
+    from avalanche_m2kd.teachers import GroupTeacher, train_group_teacher
+
+    specs = {"all": (sorted(int(c) for c in np.unique(data.y_train)), whole.train_stream[0].dataset)}
+    for k, exp in enumerate(stages.train_stream):
+        specs[f"stage{k}"] = (sorted(int(c) for c in exp.classes_in_this_experience), exp.dataset)
+    roles = ["all"] * any(m == "kd" for m in config["methods"]) + [
+        r for r in specs if r != "all" and any(m in ("mtkd", "ed", "ed-mse") for m in config["methods"])
+    ]
+    device = config["device"]
+    out = {}
+    for i, role in enumerate(roles):
+        classes, dataset = specs[role]
+        wanted = teacher_config(config, role)
+        path = folder / f"teacher-{role}.pt"
+        module = models.create(config["teacher"], num_classes=len(classes), in_channels=data.input_shape[0]).to(device)
+        if path.is_file():
+            try:
+                saved = torch.load(path, map_location=device, weights_only=True)
+            except Exception as err:
+                raise UsageError(f"teacher file {path} cannot be read safely ({type(err).__name__}); delete it to retrain") from None
+            if saved.get("config") != wanted or saved.get("classes") != classes:
+                diff = next((k for k in wanted if saved.get("config", {}).get(k) != wanted[k]), "classes")
+                raise UsageError(
+                    f"teacher file {path} was trained with another configuration ({diff}: "
+                    f"{saved.get('config', {}).get(diff)!r} there, {wanted.get(diff)!r} now); use another --teachers folder"
+                )
+            module.load_state_dict(saved["state"])
+            out[role] = GroupTeacher(module, classes, range(len(classes)))
+            log(f"teacher {role}: loaded from {path}")
+            continue
+        torch.manual_seed(config["teacher_seed"] + i)
+        began = time.perf_counter()
+        from avalanche_m2kd.precision import autocast
+
+        with autocast(config["precision"], device):
+            out[role] = train_group_teacher(
+                module, dataset, classes, config["teacher_epochs"], _sgd(config),
+                _scheduler(config["milestones"], config["gamma"]), config["batch_size"], device,
+            )
+        state = {"config": wanted, "classes": classes, "state": module.state_dict(),
+                 "train_s": time.perf_counter() - began}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        log(f"teacher {role}: trained in {state['train_s']:.0f} s, saved to {path}")
+    return out
+
+
+# -- students ---------------------------------------------------------------------------------------------
+STUDENTS = {"ed_small": "ed_small", "ed_resnet20": "ed_resnet20", "ed_wrn16_2": "ed_wrn16_2"}
+
+
+def make_student(config: dict, data, full: bool):
+    from avalanche_m2kd import models
+
+    if config["student"] not in STUDENTS:
+        raise UsageError(f"unknown student {config['student']!r}; choose from {', '.join(STUDENTS)}")
+    student = getattr(models, STUDENTS[config["student"]])(data.input_shape[0], data.input_shape[-1])
+    if full:  # every group and the last teaching-reference head from the first step
+        student.grow_to(student.n_groups, data.n_classes)
+    return student
+
+
+def stage_epochs(config: dict) -> int:
+    """ED's epochs per stage for the same number of sample visits as ``epochs`` full epochs."""
+    return max(1, round(2 * config["epochs"] / (config["stages"] + 1)))
+
+
+def train_student(method: str, seed: int, config: dict, data, stages, whole, teachers) -> dict:
+    from avalanche.training import Naive
+    from avalanche.training.determinism.rng_manager import RNGManager
+    from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
+
+    from avalanche_m2kd import EducationDistillation, RoutedDistillationPlugin
+    from avalanche_m2kd.precision import MixedPrecisionPlugin
+
+    RNGManager.set_random_seeds(seed)
+    device = config["device"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluator = EvaluationPlugin(loggers=[])
+    is_ed = method.startswith("ed")
+    student = make_student(config, data, full=not is_ed)
+    optimizer = _sgd(config)(student.parameters())
+    epochs = stage_epochs(config) if is_ed else config["epochs"]
+    scheduler = _scheduler(config["milestones"], config["gamma"])(optimizer, epochs)
+    plugins = [LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True)]
+    if config["precision"] != "fp32":
+        plugins.insert(0, MixedPrecisionPlugin(config["precision"]))
+    common = dict(train_mb_size=config["batch_size"], train_epochs=epochs, eval_mb_size=256, device=device, evaluator=evaluator)
+    kd = dict(alpha=config["alpha"], temperature=config["temperature"], teacher_precision=config["precision"])
+    began = time.perf_counter()
+    if is_ed:
+        stage_teachers = [teachers[f"stage{k}"] for k in range(config["stages"])]
+        strategy = EducationDistillation(
+            model=student, optimizer=optimizer, teachers=stage_teachers, revisit="all",
+            distillation="logit_mse" if method == "ed-mse" else "hinton", plugins=plugins, **kd, **common,
+        )
+        for exp in stages.train_stream:
+            strategy.train(exp, num_workers=0)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+        if method != "ce":
+            chosen = [teachers["all"]] if method == "kd" else [teachers[f"stage{k}"] for k in range(config["stages"])]
+            criterion = RoutedDistillationPlugin(chosen, **kd)
+            plugins.append(criterion)
+        strategy = Naive(model=student, optimizer=optimizer, criterion=criterion, plugins=plugins, **common)
+        strategy.train(whole.train_stream[0], num_workers=0)
+    elapsed = time.perf_counter() - began
+    return {"method": method, "seed": seed, "top1": top1(student, whole.test_stream[0].dataset, device), "wall_time_s": elapsed}
+
+
+@torch.no_grad()
+def top1(model, dataset, device) -> float:
+    """Top-1 over every test image (100-way on CIFAR-100: one head, no task labels)."""
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    correct = total = 0
+    for batch in DataLoader(dataset.eval(), batch_size=512, collate_fn=getattr(dataset, "collate_fn", None)):
+        x, y = batch[0].to(device), batch[1].to(device)
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += int(y.numel())
+    return correct / total
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def paired(runs: List[dict]) -> List[dict]:
+    """Per-seed top-1 differences for :data:`CLAIMS` that both ran."""
+    table = {(r["method"], r["seed"]): r["top1"] for r in runs}
+    rows = []
+    for method, baseline in CLAIMS:
+        seeds = sorted(s for (m, s) in table if m == method and (baseline, s) in table)
+        if seeds:
+            diffs = [100 * (table[(method, s)] - table[(baseline, s)]) for s in seeds]
+            rows.append({"method": method, "baseline": baseline, "seeds": seeds, "per_seed": diffs,
+                         "mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                         "wins": sum(d > 0 for d in diffs)})
+    return rows
+
+
+def summary(document: dict) -> str:
+    c = document["config"]
+    lines = [
+        f"# {c['dataset']}, {c['stages']} stages, preset {c['preset']}",
+        "",
+        f"- student {c['student']}, teacher {c['teacher']} ({c['teacher_epochs']} epochs); {c['epochs']} full-student epochs, "
+        f"ED {stage_epochs(c)} per stage (same sample visits); SGD lr {c['lr']}, batch {c['batch_size']}, alpha {c['alpha']}, T {c['temperature']}",
+        f"- command: `{' '.join(document['command'])}`",
+        "",
+        "| Method | Top-1 (%) | Seeds | Time (s) |",
+        "|---|---|---|---|",
+    ]
+    for method in METHODS:
+        runs = [r for r in document["runs"] if r["method"] == method]
+        if runs:
+            acc = [100 * r["top1"] for r in runs]
+            lines.append(f"| {method} | {np.mean(acc):.1f} ± {np.std(acc, ddof=1) if len(acc) > 1 else 0:.1f} | "
+                         f"{len(runs)} | {np.mean([r['wall_time_s'] for r in runs]):.0f} |")
+    lines += ["", "Paired differences on the same seeds (percentage points of top-1; per seed, then mean ± std, wins):", "",
+              "| Method | Baseline | Per seed | Mean ± std | Wins |", "|---|---|---|---|---|"]
+    for row in paired(document["runs"]):
+        per = ", ".join(f"{d:+.1f}" for d in row["per_seed"])
+        lines.append(f"| {row['method']} | {row['baseline']} | {per} | {row['mean']:+.1f} ± {row['std']:.1f} | "
+                     f"{row['wins']}/{len(row['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args, argv: List[str]) -> int:
+    from benchmarks.compare import claim_output_folder
+    from benchmarks.report import write_atomic
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    config = load_config(args)
+    out = Path(args.out)
+    lock = claim_output_folder(out, resume=True, overwrite=False)  # noqa: F841 (held until exit); runs are added
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    data, stages, whole = load_streams(config)
+    teachers = get_teachers(config, data, stages, whole, Path(args.teachers) if args.teachers else out / "teachers", log)
+    path = out / "results.json"
+    document = {"format": "avalanche_m2kd.ed_kd/1", "command": [PROG, *argv], "config": config, "runs": []}
+    if path.is_file():
+        saved = read_json(path, "results file")
+        keys = set(saved["config"]) | set(config)
+        diff = [k for k in sorted(keys - {"seeds", "methods", "device", "data_root"}) if saved["config"].get(k) != config.get(k)]
+        if diff:
+            raise UsageError(f"{path} holds runs of another configuration ({diff[0]}); use another --out")
+        document["runs"] = saved["runs"]
+    done = {(r["method"], r["seed"]) for r in document["runs"]}
+    for seed in config["seeds"]:
+        for method in config["methods"]:
+            if (method, seed) in done:
+                continue
+            result = train_student(method, seed, config, data, stages, whole, teachers)
+            log(f"{method} seed {seed}: top-1 {100 * result['top1']:.1f}% in {result['wall_time_s']:.0f} s")
+            document["runs"].append(result)
+            write_atomic(path, json.dumps(document, indent=1))
+            write_atomic(out / "summary.md", summary(document))
+    write_atomic(path, json.dumps(document, indent=1))
+    write_atomic(out / "summary.md", summary(document))
+    if not args.quiet:
+        print(summary(document))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(build_parser().parse_args(argv), argv)
+    except (UsageError, ValueError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Issue 16: the ED-versus-distillation benchmark and its baselines."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avalanche_m2kd import RoutedDistillationPlugin
+from benchmarks import ed_kd
+
+TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "0", "--quiet"]
+
+
+def test_single_teacher_routing_is_hinton_distillation():
+    torch.manual_seed(0)
+    teacher = nn.Linear(4, 3)
+    plugin = RoutedDistillationPlugin([(teacher, [0, 1, 2])], alpha=0.3, temperature=2.0)
+    x, y = torch.randn(5, 4), torch.tensor([0, 2, 1, 1, 0])
+    logits = torch.randn(5, 3)
+    plugin.before_training_exp(SimpleNamespace(device="cpu"))
+    plugin.after_forward(SimpleNamespace(mb_x=x, mb_y=y, is_training=True))
+    with torch.no_grad():
+        p_teacher = F.softmax(teacher(x) / 2.0, dim=1)
+    kd = -(p_teacher * F.log_softmax(logits / 2.0, dim=1)).sum(dim=1).mean() * 4.0
+    expected = 0.3 * F.cross_entropy(logits, y) + 0.7 * kd
+    assert plugin(logits, y).item() == pytest.approx(expected.item(), abs=1e-6)
+    plugin.after_training_iteration(None)
+    assert torch.equal(plugin(logits, y), F.cross_entropy(logits, y))  # nothing routed: plain cross-entropy
+    with pytest.raises(ValueError, match="a class belongs to two teachers"):
+        RoutedDistillationPlugin([(teacher, [0, 1, 2]), (nn.Linear(4, 1), [2])])
+
+
+def test_ed_gets_the_same_sample_visits_as_the_full_student():
+    assert ed_kd.stage_epochs({"epochs": 4, "stages": 3}) == 2  # 2 * (1/3 + 2/3 + 3/3) = 4 passes over all data
+    assert ed_kd.stage_epochs({"epochs": 240, "stages": 3}) == 120
+
+
+def test_benchmark_trains_teachers_once_and_reuses_them(tmp_path, capsys):
+    teachers = tmp_path / "teachers"
+    args = [*TINY, "--teachers", str(teachers), "--methods", "kd,mtkd,ed"]
+    assert ed_kd.main([*args, "--out", str(tmp_path / "a")]) == 0
+    saved = {p.name: p.stat().st_mtime_ns for p in teachers.iterdir()}
+    assert sorted(saved) == ["teacher-all.pt", "teacher-stage0.pt", "teacher-stage1.pt", "teacher-stage2.pt"]
+    assert ed_kd.main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in teachers.iterdir()} == saved  # loaded, not retrained
+    first = {r["method"]: r["top1"] for r in _runs(tmp_path / "a")}
+    second = {r["method"]: r["top1"] for r in _runs(tmp_path / "b")}
+    assert first == second and set(first) == {"kd", "mtkd", "ed"}
+    assert all(0.2 < v <= 1.0 for v in first.values())  # 10 classes: far above chance
+    summary = (tmp_path / "a" / "summary.md").read_text()
+    assert "| ed | mtkd |" in summary and "| ed | kd |" in summary
+    capsys.readouterr()
+    assert ed_kd.main([*TINY, "--teacher-epochs", "3", "--teachers", str(teachers), "--methods", "kd", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained with another configuration (teacher_epochs: 2 there, 3 now)" in err[0]
+
+
+def test_distillation_with_alpha_one_is_the_cross_entropy_run():
+    """The KD baseline differs from ``ce`` only by its loss: at alpha 1 the runs coincide."""
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*TINY, "--device", "cpu"]))
+    config["alpha"] = 1.0
+    data, stages, whole = ed_kd.load_streams(config)
+    teachers = {"all": None}
+    ce = ed_kd.train_student("ce", 0, config, data, stages, whole, teachers)
+    kd_model = ed_kd.make_student(config, data, full=True)  # a teacher that is never run
+    teachers = {"all": (kd_model, list(range(data.n_classes)))}
+    kd = ed_kd.train_student("kd", 0, config, data, stages, whole, teachers)
+    assert kd["top1"] == ce["top1"]
+
+
+def test_bad_method_and_preset_are_one_line_errors(capsys):
+    assert ed_kd.main(["--methods", "ce,dkd"]) == 2
+    assert "unknown method dkd; choose from ce, kd, mtkd, ed, ed-mse" in capsys.readouterr().err
+    assert ed_kd.main(["--preset", "nope"]) == 2
+    assert "unknown preset 'nope'; choose from ed-kd-cifar100-cpu" in capsys.readouterr().err
+
+
+def _runs(folder):
+    import json
+
+    return json.loads((folder / "results.json").read_text())["runs"]
