@@ -456,6 +456,7 @@ class M2KDLoss:
         aux_logits: Sequence[Tensor] = (),
         features: Sequence[Tensor] = (),
         n_outputs: Optional[int] = None,
+        columns: Optional[Sequence[int]] = None,
     ) -> Dict[str, Tensor]:
         """The unweighted terms of one batch.
 
@@ -470,6 +471,9 @@ class M2KDLoss:
             features: the student's tapped feature maps (``aux="features"``).
             n_outputs: ``bce`` only: the width the sigmoid loss averages over
                 (the stream's number of classes, as iCaRL's fixed classifier).
+            columns: ``bce`` only: the output columns of the classification
+                term, default ``seen``; every column of a fixed head gives
+                iCaRL's loss (unseen classes with target 0).
         """
         if len(teacher_outputs) != len(groups):
             raise ValueError(f"M2KDLoss: {len(teacher_outputs)} teacher outputs for {len(groups)} groups")
@@ -478,7 +482,7 @@ class M2KDLoss:
         terms: Dict[str, Tensor] = {}
         if self.form == "bce":
             terms["classification"] = sigmoid_distillation_loss(
-                logits, targets, seen, [o.logits for o in teacher_outputs], groups, n_outputs
+                logits, targets, seen if columns is None else columns, [o.logits for o in teacher_outputs], groups, n_outputs
             )
             if aux_logits:
                 terms["aux_bce"] = sum(

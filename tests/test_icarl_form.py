@@ -227,3 +227,39 @@ def test_nme_needs_memory():
     model = digits_cnn()
     with pytest.raises(ValueError, match="mem_size > 0"):
         M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), classifier="nme")
+
+
+def test_bce_columns_all_trains_every_column_of_a_fixed_head():
+    """iCaRL's classifier: one output per class of the stream from the start,
+    unseen classes pushed towards 0. ``bce_columns="all"`` gives that loss on
+    a fixed head; ``"seen"`` leaves the unseen columns out."""
+    from avalanche_m2kd import models
+
+    torch.manual_seed(0)
+    bm = synthetic_stream(3)
+    model = models.create("digits_cnn", num_classes=6)
+    strategy = M2KD(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), loss="bce", bce_columns="all",
+        train_mb_size=8, train_epochs=2, evaluator=quiet_evaluator(),
+    )
+    strategy.train(bm.train_stream[0])
+    plugin = strategy.m2kd
+    exp = bm.train_stream[1]
+    x = torch.stack([exp.dataset[i][0] for i in range(8)])
+    y = torch.tensor([int(exp.dataset[i][1]) for i in range(8)])
+    model.eval()
+    with torch.no_grad():
+        logits, t0 = model(x), plugin.snapshots.teacher(0)(x)
+    target = torch.zeros(8, 6)
+    target[torch.arange(8), y] = 1.0
+    target[:, :2] = torch.sigmoid(t0[:, :2])  # classes 4 and 5, not seen yet, keep target 0
+    expected = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (8 * 6)
+    got = plugin.compute_losses(model, x, y, current_classes=[2, 3])["classification"]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    seen_only = M2KDPlugin(loss="bce", bce_classes=6)
+    seen_only.groups, seen_only.snapshots = plugin.groups, plugin.snapshots
+    partial = F.binary_cross_entropy_with_logits(logits[:, :4], target[:, :4], reduction="sum") / (8 * 6)
+    got_seen = seen_only.compute_losses(model, x, y, current_classes=[2, 3])["classification"]
+    assert got_seen.item() == pytest.approx(partial.item(), rel=1e-5) and got_seen.item() < got.item()
+    with pytest.raises(ValueError, match="bce_columns must be 'seen' or 'all'"):
+        M2KDPlugin(loss="bce", bce_columns="unseen")

@@ -130,6 +130,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             output per class from the first step, so its learning rate (2.0)
             assumes that scale; averaging over the seen columns of a growing head
             would multiply every gradient by (stream classes / seen classes).
+        bce_columns: ``loss="bce"``: the output columns of the classification
+            term. ``"seen"`` (default): the classes seen so far (a growing head);
+            ``"all"``: every column of the model's output, not-yet-seen classes
+            with target 0, as iCaRL's fixed classifier is trained [iCaRL] (give
+            the model a fixed head over the stream's classes).
         head_layers: names of the classifier heads, stored per snapshot rather
             than pruned. Default: every ``IncrementalClassifier``, else the last
             ``nn.Linear``.
@@ -176,6 +181,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         post_prune_lr: Optional[float] = None,
         loss: LossForm = "kl",
         bce_classes: Optional[int] = None,
+        bce_columns: Literal["seen", "all"] = "seen",
         head_layers: Optional[Sequence[str]] = None,
         teacher_cache: CacheMode = "auto",
         batched_teachers: bool = False,
@@ -210,6 +216,9 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self.post_prune_epochs = int(post_prune_epochs)
         self.post_prune_lr = post_prune_lr
         self.bce_classes = bce_classes
+        if bce_columns not in ("seen", "all"):
+            raise ValueError(f"M2KDPlugin: bce_columns must be 'seen' or 'all', got {bce_columns!r}")
+        self.bce_columns = bce_columns
         self.teacher_cache = teacher_cache
         self.batched_teachers = bool(batched_teachers)
         self.teachers_per_batch = teachers_per_batch
@@ -281,6 +290,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "post_prune_lr": self.post_prune_lr,
             "loss": o.form,
             "bce_classes": self.bce_classes,
+            "bce_columns": self.bce_columns,
             "head_layers": self.snapshots.head_layers,
             "teacher_cache": self.teacher_cache,
             "batched_teachers": self.batched_teachers,
@@ -369,6 +379,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                 aux_logits=aux_logits,
                 features=batch.features if self.aux == "features" else (),
                 n_outputs=self._n_outputs(),
+                columns=range(logits.shape[1]) if self.loss == "bce" and self.bce_columns == "all" else None,
             )
         return batch.terms
 
