@@ -141,29 +141,47 @@ class OutputCache:
 
     def __init__(self, n_teachers: int):
         self.n_teachers = n_teachers
-        self._rows: Dict[tuple, int] = {}
+        self._n_rows = 0
+        # Known inputs on the device: first fingerprints sorted (for searchsorted),
+        # the row of each, and every row's second fingerprint (checked on a match).
+        self._sorted_first: Optional[Tensor] = None
+        self._sorted_rows: Optional[Tensor] = None
+        self._second: Optional[Tensor] = None
         self._values: List[Optional[Tensor]] = [None] * n_teachers
         self._filled: List[Optional[Tensor]] = [None] * n_teachers
         self.hits = 0
         self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._n_rows
 
     def rows(self, x: Tensor) -> Tensor:
-        """Row of each input of the batch (new inputs get new rows)."""
-        keys = input_fingerprints(x).tolist()
-        rows = []
-        for k in keys:
-            k = tuple(k)
-            row = self._rows.get(k)
-            if row is None:
-                row = self._rows[k] = len(self._rows)
-            rows.append(row)
-        return torch.as_tensor(rows, dtype=torch.long, device=x.device)
+        """Row of each input of the batch (new inputs get new rows), looked up
+        on the device; the only host read is whether the batch holds a new input."""
+        fingerprints = input_fingerprints(x)
+        first, second = fingerprints[:, 0], fingerprints[:, 1]
+        rows = torch.full_like(first, -1)
+        if self._sorted_first is not None:
+            at = torch.searchsorted(self._sorted_first, first).clamp(max=self._sorted_first.numel() - 1)
+            candidate = self._sorted_rows[at]
+            # both fingerprints must agree; a clash of the first alone is a new row (never a wrong one)
+            known = (self._sorted_first[at] == first) & (self._second[candidate] == second)
+            rows = torch.where(known, candidate, rows)
+        new = rows < 0
+        if bool(new.any()):
+            distinct, inverse = torch.unique(fingerprints[new], dim=0, return_inverse=True)
+            added = torch.arange(self._n_rows, self._n_rows + distinct.shape[0], device=x.device)
+            rows[new] = added[inverse]
+            self._n_rows += distinct.shape[0]
+            firsts = distinct[:, 0] if self._sorted_first is None else torch.cat([self._sorted_first, distinct[:, 0]])
+            all_rows = added if self._sorted_rows is None else torch.cat([self._sorted_rows, added])
+            order = torch.argsort(firsts, stable=True)
+            self._sorted_first, self._sorted_rows = firsts[order], all_rows[order]
+            self._second = distinct[:, 1] if self._second is None else torch.cat([self._second, distinct[:, 1]])
+        return rows
 
     def _ensure(self, j: int, width: int, device: torch.device) -> None:
-        needed = max(len(self._rows), 1)
+        needed = max(self._n_rows, 1)
         values, filled = self._values[j], self._filled[j]
         if values is None:
             capacity = max(needed, 1024)

@@ -85,3 +85,32 @@ def test_the_counter_sees_a_read():
                     evaluator=EvaluationPlugin(loggers=[]), teacher_cache="off", plugins=[counter, ReadsLoss()])
     strategy.train(bm.train_stream[0])
     assert counter.per_iteration and all("__float__" in calls for calls in counter.per_iteration)
+
+
+def test_output_cache_rows_are_looked_up_on_the_device(monkeypatch):
+    """Equal inputs share a row within and across batches; a clash of the first
+    fingerprint alone gives a new row, never another input's."""
+    from avalanche_m2kd import teachers
+    from avalanche_m2kd.teachers import OutputCache
+
+    cache = OutputCache(1)
+    a, b, c = torch.zeros(1, 3), torch.ones(1, 3), torch.full((1, 3), 2.0)
+    ra, rb, ra2 = cache.rows(torch.cat([a, b, a])).tolist()
+    assert ra == ra2 and {ra, rb} == {0, 1}
+    assert cache.rows(torch.cat([b, c, a, c])).tolist() == [rb, 2, ra, 2]
+    assert len(cache) == 3
+    real = teachers.input_fingerprints
+
+    def clashing(x):  # every input gets the first fingerprint 7; the second stays exact
+        fp = real(x)
+        fp[:, 0] = 7
+        return fp
+
+    monkeypatch.setattr(teachers, "input_fingerprints", clashing)
+    clash = OutputCache(1)
+    first = clash.rows(torch.cat([a, b])).tolist()
+    assert sorted(first) == [0, 1]
+    again = clash.rows(torch.cat([b, a, c])).tolist()
+    for row, own in zip(again[:2], first[::-1]):  # found, or a fresh row (a miss): never the other input's
+        assert row == own or row >= 2
+    assert len(set(again)) == 3 and again[2] not in first
