@@ -51,6 +51,15 @@ def load_preset(name: str) -> dict:
     return read_json(table[name], "preset")
 
 
+def parse_names(text: Optional[str], known: List[str], what: str) -> List[str]:
+    """A comma-separated choice among ``known`` (all of them when ``text`` is empty)."""
+    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(known)
+    unknown = [s for s in names if s not in known]
+    if unknown or not names:
+        raise UsageError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
+    return names
+
+
 def parse_seeds(text: str) -> List[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -129,11 +138,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["lr_sigmoid"] = None
     if args.seeds:
         config["seeds"] = parse_seeds(args.seeds)
-    names = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else list(STRATEGIES)
-    unknown = [s for s in names if s not in STRATEGIES]
-    if unknown or not names:
-        raise UsageError(f"unknown strategy {', '.join(unknown) or '(none given)'}; choose from {', '.join(STRATEGIES)}")
-    config["strategies"] = names
+    config["strategies"] = names = parse_names(args.strategies, list(STRATEGIES), "strategy")
     needs_memory = [n for n in names if n in NEEDS_MEMORY]
     if config["mem_size"] == 0 and needs_memory:
         raise UsageError(f"{', '.join(needs_memory)} need an exemplar memory: set --mem-size > 0 or leave them out of --strategies")

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from benchmarks.compare import OneLineParser, UsageError, parse_seeds, read_json
+from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
 
 PROG = "python -m benchmarks.ed_kd"
 PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
@@ -91,11 +91,7 @@ def load_config(args: argparse.Namespace) -> dict:
             config[key] = value
     if args.seeds:
         config["seeds"] = parse_seeds(args.seeds)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else list(METHODS)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UsageError(f"unknown method {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}")
-    config["methods"] = methods
+    config["methods"] = parse_names(args.methods, list(METHODS), "method")
     config["device"] = resolve_device(args.device)
     if config["epochs"] < 1 or config["teacher_epochs"] < 1:
         raise UsageError("--epochs and --teacher-epochs must be >= 1")

@@ -137,14 +137,20 @@ def test_cross_entropy_over_seen_classes_ignores_other_columns():
         class_positions(seen, torch.tensor([0]))
 
 
-def test_education_distillation_loss_routes_each_sample_to_its_stage_teacher():
+def _two_stage_batch():
+    """Student logits, labels and stage teachers: sample 0 belongs to stage 0,
+    samples 1 and 2 to stage 1 (teachers give local logits)."""
     z = torch.tensor(STUDENT + [[0.3, 0.1, -0.2, 0.0, 0.4]])
     y = torch.tensor([1, 3, 4])
     groups = [[0, 1], [2, 3, 4]]
-    # sample 0 belongs to stage 0; samples 1 and 2 to stage 1 (teachers give local logits)
     t0 = torch.tensor([[0.2, 1.1]])
     t1 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 2.0]])
     index = [torch.tensor([0]), torch.tensor([1, 2])]
+    return z, y, groups, t0, t1, index
+
+
+def test_education_distillation_loss_routes_each_sample_to_its_stage_teacher():
+    z, y, groups, t0, t1, index = _two_stage_batch()
     alpha, temperature = 0.3, 4.0
     rows = z.tolist()
     ce = 0.0
@@ -178,12 +184,7 @@ def test_education_distillation_alpha_one_is_exactly_cross_entropy():
 def test_education_distillation_takes_another_per_sample_loss():
     """ED "combined with distillation algorithms": logit matching in place of
     the soft cross-entropy, routed by stage the same way."""
-    z = torch.tensor(STUDENT + [[0.3, 0.1, -0.2, 0.0, 0.4]])
-    y = torch.tensor([1, 3, 4])
-    groups = [[0, 1], [2, 3, 4]]
-    t0 = torch.tensor([[0.2, 1.1]])
-    t1 = torch.tensor([[0.0, 1.0, -1.0], [0.5, 0.5, 2.0]])
-    index = [torch.tensor([0]), torch.tensor([1, 2])]
+    z, y, groups, t0, t1, index = _two_stage_batch()
     rows = z.tolist()
     ce = -sum(math.log(softmax(rows[b])[label]) for b, label in enumerate(y.tolist())) / 3
     mse = 0.0
