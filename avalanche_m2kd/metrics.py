@@ -202,7 +202,8 @@ class IncrementalMetrics(PluginMetric[Dict[str, float]]):
             j = int(strategy.experience.current_experience)
             counts = self._counts[(self._row, j)]
             if DistributedHelper.is_distributed:  # each rank evaluated a shard: sum them
-                total = torch.tensor(counts, dtype=torch.float64)
+                # on the strategy's device: NCCL reduces only CUDA tensors (gloo takes CPU ones)
+                total = torch.tensor(counts, dtype=torch.float64, device=strategy.device)
                 torch.distributed.all_reduce(total)
                 counts[0], counts[1] = int(total[0]), int(total[1])
             self._sizes[j] = counts[1]
