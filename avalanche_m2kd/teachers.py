@@ -159,7 +159,7 @@ class OutputCache:
         """Row of each input of the batch (new inputs get new rows), looked up
         on the device; the only host read is whether the batch holds a new input."""
         fingerprints = input_fingerprints(x)
-        first, second = fingerprints[:, 0], fingerprints[:, 1]
+        first, second = fingerprints[:, 0].contiguous(), fingerprints[:, 1].contiguous()
         rows = torch.full_like(first, -1)
         if self._sorted_first is not None:
             at = torch.searchsorted(self._sorted_first, first).clamp(max=self._sorted_first.numel() - 1)
