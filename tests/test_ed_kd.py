@@ -81,3 +81,16 @@ def _runs(folder):
     import json
 
     return json.loads((folder / "results.json").read_text())["runs"]
+
+
+def test_the_paper_pairs_are_presets_with_their_networks():
+    from avalanche_m2kd import models
+
+    wrn = models.create("wrn40_2", num_classes=100)
+    assert 2.2e6 < sum(p.numel() for p in wrn.parameters()) < 2.3e6  # WRN-40-2
+    assert wrn(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+    assert models.ed_student_for("wrn40_2", 3, 32).n_groups == 3
+    for preset, teacher, student in [("ed-kd-cifar100-resnet110", "resnet110", "ed_resnet20"),
+                                     ("ed-kd-cifar100-wrn", "wrn40_2", "ed_wrn16_2")]:
+        config = ed_kd.load_config(ed_kd.build_parser().parse_args(["--preset", preset, "--device", "cpu"]))
+        assert (config["teacher"], config["student"], config["epochs"]) == (teacher, student, 240)

@@ -20,6 +20,7 @@ from .ed_student import (
     load_student_state,
 )
 from .small import SmallConvNet, cifar_cnn, digits_cnn, mnist_cnn
+from .wide_resnet import WideResNet, wrn40_2
 
 __all__ = [
     "BasicBlock",
@@ -41,6 +42,8 @@ __all__ = [
     "icarl_resnet32",
     "make_head",
     "mnist_cnn",
+    "WideResNet",
+    "wrn40_2",
 ]
 
 import copy as _copy
@@ -56,6 +59,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "resnet32": lambda num_classes=None, in_channels=3: cifar_resnet32(num_classes, in_channels),
     "resnet32_icarl": lambda num_classes=None, in_channels=3: icarl_resnet32(num_classes, in_channels),
     "resnet110": lambda num_classes=None, in_channels=3: cifar_resnet110(num_classes, in_channels),
+    "wrn40_2": lambda num_classes=None, in_channels=3: wrn40_2(num_classes, in_channels),
 }
 """Backbones by name; each takes ``num_classes`` (None = growing head) and ``in_channels``."""
 
@@ -74,11 +78,14 @@ def create(name: str, num_classes: Optional[int] = None, in_channels: Optional[i
 
 def ed_student_for(name: str, in_channels: int, input_size: int) -> EDStudent:
     """ED's growing student matching a backbone of :data:`MODELS`: ``ed_small``
-    (ResNet-8) for the small CNNs, ``ed_resnet20`` for the ResNets."""
+    (ResNet-8) for the small CNNs, ``ed_resnet20`` for the ResNets, ``ed_wrn16_2``
+    for the wide ResNets."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if name.startswith("resnet"):
         return ed_resnet20(in_channels, input_size)
+    if name.startswith("wrn"):
+        return ed_wrn16_2(in_channels, input_size)
     return ed_small(in_channels, input_size)
 
 
