@@ -432,12 +432,18 @@ class TeacherSet:
                 table[t.classes] = i
             self._class_to_teacher = table.to(device)
         table = self._class_to_teacher
-        if targets.numel() and (int(targets.max()) >= table.numel() or bool((table[targets.clamp(min=0)] < 0).any())):
+        k = len(self)
+        inside = (targets >= 0) & (targets < table.numel())
+        owner = torch.where(inside, table[targets.clamp(0, table.numel() - 1)], -1)
+        owner = torch.where(owner < 0, k, owner)  # bin k: labels no teacher owns
+        # one host read per batch: how many samples each teacher owns
+        sizes = torch.bincount(owner, minlength=k + 1).tolist()
+        if sizes[k]:
             owned = sorted(c for t in self.teachers for c in t.classes)
-            bad = sorted({int(y) for y in targets.tolist() if y >= table.numel() or table[y] < 0})
+            bad = sorted({int(y) for y, o in zip(targets.tolist(), owner.tolist()) if o == k})
             raise ValueError(f"labels {bad} belong to no teacher's classes {owned}")
-        owner = table[targets]
-        return [torch.nonzero(owner == i, as_tuple=False).flatten() for i in range(len(self))]
+        positions = torch.argsort(owner, stable=True)  # ascending batch positions within each teacher
+        return list(positions[: targets.numel()].split(sizes[:k]))
 
     @torch.no_grad()
     def run_routed(self, x: Tensor, targets: Tensor) -> tuple[List[Tensor], List[TeacherOutput]]:

@@ -114,3 +114,19 @@ def test_output_cache_rows_are_looked_up_on_the_device(monkeypatch):
     for row, own in zip(again[:2], first[::-1]):  # found, or a fresh row (a miss): never the other input's
         assert row == own or row >= 2
     assert len(set(again)) == 3 and again[2] not in first
+
+
+def test_ed_routing_reads_the_device_once_per_batch():
+    from torch import nn
+
+    from avalanche_m2kd.teachers import GroupTeacher, TeacherSet
+
+    teachers = TeacherSet([GroupTeacher(nn.Linear(2, 2), [0, 3]), GroupTeacher(nn.Linear(2, 3), [1, 2, 5])])
+    y = torch.tensor([5, 0, 3, 3, 1, 2, 0])
+    teachers.route(y)  # builds the class table
+    with HostReads() as reads:
+        index = teachers.route(y)
+    assert [i.tolist() for i in index] == [[1, 2, 3, 6], [0, 4, 5]]  # as nonzero() per teacher would give
+    assert reads.calls == ["tolist"]
+    with pytest.raises(ValueError, match=r"labels \[4, 9\] belong to no teacher's classes \[0, 1, 2, 3, 5\]"):
+        teachers.route(torch.tensor([0, 4, 9]))
