@@ -149,10 +149,12 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     ]
     device = config["device"]
     out = {}
-    for i, role in enumerate(roles):
+    for role in roles:
         classes, dataset = specs[role]
         wanted = teacher_config(config, role)
         path = folder / f"teacher-{role}.pt"
+        # a teacher's seed depends on its role only: the same teacher whatever methods a run asks for
+        torch.manual_seed(config["teacher_seed"] + list(specs).index(role))
         module = models.create(config["teacher"], num_classes=len(classes), in_channels=data.input_shape[0]).to(device)
         if path.is_file():
             try:
@@ -169,7 +171,6 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
             out[role] = GroupTeacher(module, classes, range(len(classes)))
             log(f"teacher {role}: loaded from {path}")
             continue
-        torch.manual_seed(config["teacher_seed"] + i)
         began = time.perf_counter()
         from avalanche_m2kd.precision import autocast
 

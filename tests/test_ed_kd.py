@@ -94,3 +94,11 @@ def test_the_paper_pairs_are_presets_with_their_networks():
                                      ("ed-kd-cifar100-wrn", "wrn40_2", "ed_wrn16_2")]:
         config = ed_kd.load_config(ed_kd.build_parser().parse_args(["--preset", preset, "--device", "cpu"]))
         assert (config["teacher"], config["student"], config["epochs"]) == (teacher, student, 240)
+
+
+def test_a_teacher_does_not_depend_on_which_methods_ran(tmp_path):
+    ed_kd.main([*TINY, "--teachers", str(tmp_path / "one"), "--methods", "mtkd", "--out", str(tmp_path / "a")])
+    ed_kd.main([*TINY, "--teachers", str(tmp_path / "two"), "--methods", "kd,mtkd", "--out", str(tmp_path / "b")])
+    one = torch.load(tmp_path / "one" / "teacher-stage1.pt", weights_only=True)["state"]
+    two = torch.load(tmp_path / "two" / "teacher-stage1.pt", weights_only=True)["state"]
+    assert all(torch.equal(one[k], two[k]) for k in one)
