@@ -12,7 +12,8 @@ Methods (one student architecture, data, augmentation, optimizer and budget):
 * ``mtkd``: the full student, each sample distilled from the stage teacher of
   its class on that stage's logit slice (ED without growth or stages);
 * ``ed``: Education Distillation: the student grows stage by stage, every
-  finished stage revisited, the same stage teachers;
+  finished stage revisited (mixed with the new one), the same stage teachers;
+* ``ed-seq``: ED with each epoch walking the stages in order (the authors' code);
 * ``ed-mse``: ED with logit matching as its per-sample distillation loss.
 
 The budget is the number of sample visits: the full-student methods train
@@ -40,15 +41,16 @@ from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_see
 
 PROG = "python -m benchmarks.ed_kd"
 PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
-METHODS = ("ce", "kd", "mtkd", "ed", "ed-mse")
+METHODS = ("ce", "kd", "mtkd", "ed", "ed-seq", "ed-mse")
 DESCRIPTIONS = {
     "ce": "full student, cross-entropy only",
     "kd": "full student, single-teacher KD (teacher on all classes)",
     "mtkd": "full student, multi-teacher KD (each sample from its stage's teacher)",
     "ed": "Education Distillation (growth, TR heads, stage teachers, full revisit)",
+    "ed-seq": "ED with each epoch walking the stages in order (the authors' code) instead of mixing them",
     "ed-mse": "ED with logit matching as its distillation loss",
 }
-CLAIMS = (("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"), ("ed-mse", "ed"))
+CLAIMS = (("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"), ("ed-seq", "ed"), ("ed-mse", "ed"))
 """(method, baseline) pairs whose per-seed differences the summary reports."""
 TEACHER_KEYS = (
     "dataset", "stages", "class_order", "teacher", "teacher_epochs", "batch_size", "lr", "momentum",
@@ -145,7 +147,7 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     for k, exp in enumerate(stages.train_stream):
         specs[f"stage{k}"] = (sorted(int(c) for c in exp.classes_in_this_experience), exp.dataset)
     roles = ["all"] * any(m == "kd" for m in config["methods"]) + [
-        r for r in specs if r != "all" and any(m in ("mtkd", "ed", "ed-mse") for m in config["methods"])
+        r for r in specs if r != "all" and any(m == "mtkd" or m.startswith("ed") for m in config["methods"])
     ]
     device = config["device"]
     out = {}
@@ -234,6 +236,7 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
         stage_teachers = [teachers[f"stage{k}"] for k in range(config["stages"])]
         strategy = EducationDistillation(
             model=student, optimizer=optimizer, teachers=stage_teachers, revisit="all",
+            order="sequential" if method == "ed-seq" else "mixed",
             distillation="logit_mse" if method == "ed-mse" else "hinton", plugins=plugins, **kd, **common,
         )
         for exp in stages.train_stream:

@@ -72,7 +72,7 @@ def test_distillation_with_alpha_one_is_the_cross_entropy_run():
 
 def test_bad_method_and_preset_are_one_line_errors(capsys):
     assert ed_kd.main(["--methods", "ce,dkd"]) == 2
-    assert "unknown method dkd; choose from ce, kd, mtkd, ed, ed-mse" in capsys.readouterr().err
+    assert "unknown method dkd; choose from ce, kd, mtkd, ed, ed-seq, ed-mse" in capsys.readouterr().err
     assert ed_kd.main(["--preset", "nope"]) == 2
     assert "unknown preset 'nope'; choose from ed-kd-cifar100-cpu" in capsys.readouterr().err
 
