@@ -133,24 +133,21 @@ class EDStudent(DynamicModule):
 
 
 def grow_student_to_state(student: EDStudent, state: dict) -> EDStudent:
-    """Grow a freshly built :class:`EDStudent` to the depth and head width of
-    a saved ``state_dict`` (weights untouched)."""
+    """Grow a freshly built :class:`EDStudent` to the depth of a saved
+    ``state_dict``, with a head as wide as the saved one (weights untouched)."""
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
-    head_rows = state["head.classifier.classifier.weight"].shape[0]
     if depth > student.depth:
-        student.grow_to(depth, head_rows)
-    current = student.head.classifier
-    if current.classifier.out_features != head_rows:
-        device = current.classifier.weight.device
-        current.classifier = nn.Linear(current.classifier.in_features, head_rows).to(device)
-        current.active_units = torch.zeros(head_rows, dtype=torch.int8, device=device)
+        student.grow_to(depth, state["head.classifier.classifier.weight"].shape[0])
     return student
 
 
 def load_student_state(student: EDStudent, state: dict) -> EDStudent:
     """Load a saved :class:`EDStudent` ``state_dict`` into a freshly built
     student of the same family: grows it to the saved depth and head size first."""
-    grow_student_to_state(student, state).load_state_dict(state)
+    from ..checkpoint import conform_incremental_classifiers
+
+    conform_incremental_classifiers(grow_student_to_state(student, state), state)
+    student.load_state_dict(state)
     return student
 
 
