@@ -253,6 +253,27 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
 
 
 @torch.no_grad()
+def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict[str, float]:
+    """Each teacher's top-1 on the test images of its own classes (its local labels)."""
+    from torch.utils.data import DataLoader
+
+    tests = {"all": whole.test_stream[0].dataset}
+    tests.update({f"stage{k}": exp.dataset for k, exp in enumerate(stages.test_stream)})
+    out = {}
+    for role, teacher in teachers.items():
+        lookup = torch.full((max(teacher.classes) + 1,), -1, dtype=torch.long, device=device)
+        lookup[teacher.classes] = torch.arange(len(teacher.classes), device=device)
+        data = tests[role].eval()
+        correct = total = 0
+        for batch in DataLoader(data, batch_size=512, collate_fn=getattr(data, "collate_fn", None)):
+            x, y = batch[0].to(device), batch[1].to(device)
+            correct += int((teacher.module(x).argmax(dim=1) == lookup[y]).sum())
+            total += int(y.numel())
+        out[role] = correct / total
+    return out
+
+
+@torch.no_grad()
 def top1(model, dataset, device) -> float:
     """Top-1 over every test image (100-way on CIFAR-100: one head, no task labels)."""
     from torch.utils.data import DataLoader
@@ -290,6 +311,9 @@ def summary(document: dict) -> str:
         f"ED {stage_epochs(c)} per stage (same sample visits); SGD lr {c['lr']}, batch {c['batch_size']}, alpha {c['alpha']}, T {c['temperature']}",
         f"- command: `{' '.join(document['command'])}`",
         "",
+        "- teachers' top-1 on their own classes: "
+        + ", ".join(f"{role} {100 * acc:.1f}%" for role, acc in document.get("teachers", {}).items()),
+        "",
         "| Method | Top-1 (%) | Seeds | Time (s) |",
         "|---|---|---|---|",
     ]
@@ -320,7 +344,8 @@ def run(args, argv: List[str]) -> int:
     data, stages, whole = load_streams(config)
     teachers = get_teachers(config, data, stages, whole, Path(args.teachers) if args.teachers else out / "teachers", log)
     path = out / "results.json"
-    document = {"format": "avalanche_m2kd.ed_kd/1", "command": [PROG, *argv], "config": config, "runs": []}
+    document = {"format": "avalanche_m2kd.ed_kd/1", "command": [PROG, *argv], "config": config, "runs": [],
+                "teachers": teacher_accuracy(teachers, stages, whole, config["device"])}
     if path.is_file():
         saved = read_json(path, "results file")
         keys = set(saved["config"]) | set(config)

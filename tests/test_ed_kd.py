@@ -1,5 +1,6 @@
 """Issue 16: the ED-versus-distillation benchmark and its baselines."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -49,6 +50,9 @@ def test_benchmark_trains_teachers_once_and_reuses_them(tmp_path, capsys):
     second = {r["method"]: r["top1"] for r in _runs(tmp_path / "b")}
     assert first == second and set(first) == {"kd", "mtkd", "ed"}
     assert all(0.2 < v <= 1.0 for v in first.values())  # 10 classes: far above chance
+    teachers_top1 = json.loads((tmp_path / "a" / "results.json").read_text())["teachers"]
+    assert set(teachers_top1) == {"all", "stage0", "stage1", "stage2"}
+    assert all(0.5 < v <= 1.0 for v in teachers_top1.values())  # 3 or 4 digit classes each, far above chance
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "| ed | mtkd |" in summary and "| ed | kd |" in summary
     capsys.readouterr()
@@ -78,8 +82,6 @@ def test_bad_method_and_preset_are_one_line_errors(capsys):
 
 
 def _runs(folder):
-    import json
-
     return json.loads((folder / "results.json").read_text())["runs"]
 
 
