@@ -47,11 +47,18 @@ def _cached_index(group: Tuple[int, ...], device: str) -> Tensor:
     return torch.tensor(group, dtype=torch.long, device=device)
 
 
+def class_position_table(classes: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
+    """``table[c]`` = position of class ``c`` in ``classes`` (a teacher's local
+    label, a column of a group), -1 for classes not in it."""
+    classes = [int(c) for c in classes]
+    table = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=device)
+    table[classes] = torch.arange(len(classes), device=device)
+    return table
+
+
 @functools.lru_cache(maxsize=1024)
 def _cached_position_table(classes: Tuple[int, ...], device: str) -> Tensor:
-    table = torch.full((max(classes) + 1,), -1, dtype=torch.long)
-    table[list(classes)] = torch.arange(len(classes))
-    return table.to(device)
+    return class_position_table(classes, device)
 
 
 def _as_index(group: Group | Tensor, device: torch.device) -> Tensor:
@@ -126,10 +133,12 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, temperatu
     This is ED's distillation term as its authors' code computes it: the KL
     divergence plus the teacher's entropy, a constant for the student.
     """
-    t = float(temperature)
+    return _soft_cross_entropy_rows(student_logits, teacher_logits, float(temperature)).mean()
+
+
+def _soft_cross_entropy_rows(student_logits: Tensor, teacher_logits: Tensor, t: float) -> Tensor:
     p_teacher = F.softmax(teacher_logits / t, dim=1)
-    log_p_student = F.log_softmax(student_logits / t, dim=1)
-    return -(p_teacher * log_p_student).sum(dim=1).mean()
+    return -(p_teacher * F.log_softmax(student_logits / t, dim=1)).sum(dim=1)
 
 
 SampleDistillation = Callable[[Tensor, Tensor, float], Tensor]
@@ -142,8 +151,7 @@ def hinton_sample_loss(student_logits: Tensor, teacher_logits: Tensor, temperatu
     """``T^2 * soft_CE(teacher/T, student/T)`` per sample: ED's own term (its
     code's soft cross-entropy, with Hinton's ``T^2``)."""
     t = float(temperature)
-    p_teacher = F.softmax(teacher_logits / t, dim=1)
-    return -(p_teacher * F.log_softmax(student_logits / t, dim=1)).sum(dim=1) * (t * t)
+    return _soft_cross_entropy_rows(student_logits, teacher_logits, t) * (t * t)
 
 
 def logit_mse_sample_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -532,6 +540,7 @@ __all__ = [
     "M2KDLoss",
     "TeacherOutput",
     "attention_map",
+    "class_position_table",
     "class_positions",
     "cross_entropy_over",
     "distill_group_features",

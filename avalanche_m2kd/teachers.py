@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .losses import TeacherOutput
+from .losses import TeacherOutput, class_position_table
 from .precision import Precision, autocast, check_precision
 from .snapshots import freeze, load_state_reshaped
 from .taps import AUX_ATTRIBUTE, FeatureTaps
@@ -70,6 +70,28 @@ class GroupTeacher:
         return self._column_index
 
 
+def group_teachers(specs: Sequence, caller: str) -> List["GroupTeacher"]:
+    """``GroupTeacher`` objects or ``(module, classes)`` pairs (the module's
+    outputs are ``classes`` in that order) as ``GroupTeacher`` objects; each
+    must own at least one class and no class may have two owners."""
+    teachers, owner = [], {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, GroupTeacher):
+            try:
+                module, classes = spec
+            except (TypeError, ValueError):
+                raise ValueError(f"{caller}: teachers[{i}] must be a GroupTeacher or a (module, classes) pair") from None
+            spec = GroupTeacher(module, classes, columns=range(len(classes)))
+        if not spec.classes:
+            raise ValueError(f"{caller}: teacher {i} covers no class")
+        for c in spec.classes:
+            if c in owner:
+                raise ValueError(f"{caller}: class {c} is covered by teachers {owner[c]} and {i}; each class needs one owner")
+            owner[c] = i
+        teachers.append(spec)
+    return teachers
+
+
 def train_group_teacher(
     module: nn.Module,
     dataset,
@@ -91,8 +113,7 @@ def train_group_teacher(
 
     classes = [int(c) for c in classes]
     optimizer = optimizer_factory(module.parameters())
-    lookup = torch.full((max(classes) + 1,), -1, dtype=torch.long, device=device)
-    lookup[classes] = torch.arange(len(classes), device=device)
+    lookup = class_position_table(classes, device)
     data = dataset.train() if hasattr(dataset, "train") else dataset
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=getattr(data, "collate_fn", None))
     scheduler = scheduler_factory(optimizer, epochs)
@@ -443,7 +464,7 @@ class TeacherSet:
             bad = sorted({int(y) for y, o in zip(targets.tolist(), owner.tolist()) if o == k})
             raise ValueError(f"labels {bad} belong to no teacher's classes {owned}")
         positions = torch.argsort(owner, stable=True)  # ascending batch positions within each teacher
-        return list(positions[: targets.numel()].split(sizes[:k]))
+        return list(positions.split(sizes[:k]))
 
     @torch.no_grad()
     def run_routed(self, x: Tensor, targets: Tensor) -> tuple[List[Tensor], List[TeacherOutput]]:
@@ -474,6 +495,7 @@ __all__ = [
     "TeacherOutput",
     "TeacherSet",
     "draw_teachers",
+    "group_teachers",
     "input_fingerprints",
     "train_group_teacher",
 ]

@@ -439,8 +439,9 @@ CHECKPOINT_INDEPENDENT = ("seeds", "strategies", "device", "data_root", "downloa
 """Configuration keys that may differ between a checkpoint and its resumption."""
 
 
-def check_same_config(saved: dict, config: dict, where: str) -> None:
-    keys = sorted((set(saved) | set(config)) - set(CHECKPOINT_INDEPENDENT))
+def check_same_config(saved: dict, config: dict, where: str, independent=CHECKPOINT_INDEPENDENT) -> None:
+    """Refuse ``saved`` if it differs from ``config`` in a key outside ``independent``."""
+    keys = sorted((set(saved) | set(config)) - set(independent))
     diff = [k for k in keys if saved.get(k) != config.get(k)]
     if diff:
         k = diff[0]

@@ -257,12 +257,13 @@ def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict
     """Each teacher's top-1 on the test images of its own classes (its local labels)."""
     from torch.utils.data import DataLoader
 
+    from avalanche_m2kd.losses import class_position_table
+
     tests = {"all": whole.test_stream[0].dataset}
     tests.update({f"stage{k}": exp.dataset for k, exp in enumerate(stages.test_stream)})
     out = {}
     for role, teacher in teachers.items():
-        lookup = torch.full((max(teacher.classes) + 1,), -1, dtype=torch.long, device=device)
-        lookup[teacher.classes] = torch.arange(len(teacher.classes), device=device)
+        lookup = class_position_table(teacher.classes, device)
         data = tests[role].eval()
         correct = total = 0
         for batch in DataLoader(data, batch_size=512, collate_fn=getattr(data, "collate_fn", None)):
@@ -333,7 +334,7 @@ def summary(document: dict) -> str:
 
 
 def run(args, argv: List[str]) -> int:
-    from benchmarks.compare import claim_output_folder
+    from benchmarks.compare import check_same_config, claim_output_folder
     from benchmarks.report import write_atomic
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -348,10 +349,7 @@ def run(args, argv: List[str]) -> int:
                 "teachers": teacher_accuracy(teachers, stages, whole, config["device"])}
     if path.is_file():
         saved = read_json(path, "results file")
-        keys = set(saved["config"]) | set(config)
-        diff = [k for k in sorted(keys - {"seeds", "methods", "device", "data_root"}) if saved["config"].get(k) != config.get(k)]
-        if diff:
-            raise UsageError(f"{path} holds runs of another configuration ({diff[0]}); use another --out")
+        check_same_config(saved["config"], config, str(path), independent=("seeds", "methods", "device", "data_root"))
         document["runs"] = saved["runs"]
     done = {(r["method"], r["seed"]) for r in document["runs"]}
     for seed in config["seeds"]:

@@ -29,7 +29,7 @@ def test_single_teacher_routing_is_hinton_distillation():
     assert plugin(logits, y).item() == pytest.approx(expected.item(), abs=1e-6)
     plugin.after_training_iteration(None)
     assert torch.equal(plugin(logits, y), F.cross_entropy(logits, y))  # nothing routed: plain cross-entropy
-    with pytest.raises(ValueError, match="a class belongs to two teachers"):
+    with pytest.raises(ValueError, match="RoutedDistillationPlugin: class 2 is covered by teachers 0 and 1"):
         RoutedDistillationPlugin([(teacher, [0, 1, 2]), (nn.Linear(4, 1), [2])])
 
 

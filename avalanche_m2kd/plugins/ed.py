@@ -17,7 +17,7 @@ from .._experience import check_batch, check_is_criterion, check_stream, experie
 from ..distributed import broadcast_module
 from ..losses import SampleDistillation, TeacherOutput, sample_distillation
 from ..precision import Precision, check_precision
-from ..teachers import GroupTeacher, TeacherSet, train_group_teacher
+from ..teachers import GroupTeacher, TeacherSet, group_teachers, train_group_teacher
 from .kd import routed_distillation_loss
 
 TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
@@ -163,8 +163,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError(f"EducationDistillationPlugin: order must be 'mixed' or 'sequential', got {order!r}")
         if stage_epochs is not None and (not stage_epochs or min(stage_epochs) < 1):
             raise ValueError("EducationDistillationPlugin: stage_epochs must be a non-empty list of positive counts")
-        self.teachers: List[GroupTeacher] = [self._as_teacher(t, i) for i, t in enumerate(teachers or [])]
-        self._check_teacher_classes(self.teachers)
+        self.teachers: List[GroupTeacher] = group_teachers(teachers or [], "EducationDistillationPlugin")
         self.teacher_factory = teacher_factory
         self.teacher_epochs = teacher_epochs
         self.teacher_optimizer = teacher_optimizer or default_teacher_optimizer
@@ -193,32 +192,6 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self._params_after_last_stage: Optional[set] = None
         self._teacher_set: Optional[TeacherSet] = None
         self._routed: Optional[Tuple[List[Tensor], List[TeacherOutput]]] = None
-
-    @staticmethod
-    def _check_teacher_classes(teachers: Sequence[GroupTeacher]) -> None:
-        """All given teachers' class lists at once, before any training: each
-        non-empty, no class owned by two stages."""
-        owner: dict = {}
-        for i, t in enumerate(teachers):
-            if not t.classes:
-                raise ValueError(f"EducationDistillationPlugin: teacher {i} covers no class")
-            for c in t.classes:
-                if c in owner:
-                    raise ValueError(
-                        f"EducationDistillationPlugin: class {c} is covered by teachers {owner[c]} and {i}; "
-                        "each class belongs to one stage"
-                    )
-                owner[c] = i
-
-    @staticmethod
-    def _as_teacher(spec: TeacherSpec, index: int) -> GroupTeacher:
-        if isinstance(spec, GroupTeacher):
-            return spec
-        try:
-            module, classes = spec
-        except (TypeError, ValueError):
-            raise ValueError(f"teachers[{index}] must be a GroupTeacher or a (module, classes) pair") from None
-        return GroupTeacher(module, classes, columns=range(len(classes)))
 
     @property
     def stage(self) -> int:

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._experience import check_is_criterion
 from ..losses import SampleDistillation, TeacherOutput, education_distillation_loss, sample_distillation
 from ..precision import Precision, check_precision
-from ..teachers import GroupTeacher, TeacherSet
+from ..teachers import TeacherSet, group_teachers
 
 Routed = Tuple[List[Tensor], List[TeacherOutput]]
 
@@ -77,10 +77,7 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         if temperature <= 0:
             raise ValueError(f"RoutedDistillationPlugin: temperature must be > 0, got {temperature}")
         check_precision(teacher_precision, "RoutedDistillationPlugin")
-        self.teachers = [t if isinstance(t, GroupTeacher) else GroupTeacher(t[0], t[1], range(len(t[1]))) for t in teachers]
-        owned = [c for t in self.teachers for c in t.classes]
-        if len(set(owned)) != len(owned):
-            raise ValueError("RoutedDistillationPlugin: a class belongs to two teachers; each class needs one owner")
+        self.teachers = group_teachers(teachers, "RoutedDistillationPlugin")
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.distillation = distillation
