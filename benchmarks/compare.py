@@ -271,10 +271,10 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
             check_can_save(strategy)
         if ckpt is not None and ckpt.resume:
             start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
+            elapsed = ckpt.elapsed()
+            progress.update(start)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-        elapsed = ckpt.elapsed()
-        progress.update(start)
     metric = next(m for m in strategy.evaluator.metrics if isinstance(m, IncrementalMetrics))
     for index in range(start, len(experiences)):
         began = time.perf_counter()

@@ -189,3 +189,23 @@ def test_incremental_metrics_state_round_trip():
     other.load_state_dict(json.loads(json.dumps(metric.state_dict())))
     np.testing.assert_array_equal(other.matrix(), [[0.75, np.nan], [0.5, 0.5]])
     assert other.sizes() == [4, 2]
+
+
+def test_a_resumed_run_counts_the_time_and_progress_before_the_stop(tmp_path):
+    from benchmarks.compare import RunCheckpoint, Stopped, run_one
+
+    class Progress:
+        steps = []
+
+        def update(self, n):
+            self.steps.append(n)
+
+    config, data, benchmark, augmentation = _setup()
+    with pytest.raises(Stopped):
+        _run("naive", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "naive", 0, False, 2, [0]))
+    side = tmp_path / "naive-seed0.json"
+    assert 0 < json.loads(side.read_text())["elapsed_s"] < 1000
+    side.write_text(json.dumps({"elapsed_s": 1000.0}))  # as if the first part had run for 1000 s
+    resumed = run_one("naive", 0, config, data, benchmark, augmentation, Progress(), RunCheckpoint(tmp_path, "naive", 0, True, None, [0]))
+    assert 1000.0 < resumed["wall_time_s"] < 1000.0 + 600
+    assert Progress.steps == [2, 1, 1]  # the two experiences already done, then the two trained now
