@@ -13,7 +13,11 @@ through the teacher of its own group (ED); optionally
 * **cached**: each teacher's outputs stored per input, keyed by a fingerprint
   of the input's exact bits, so an input seen again (the next epoch, with a
   deterministic transform) costs no forward pass. Exact by construction: a hit
-  means bit-identical input to a frozen, eval-mode teacher.
+  means bit-identical input to a frozen, eval-mode teacher;
+* **fused** (the default): each teacher runs as a copy with every BatchNorm
+  that only follows a convolution folded into it (:func:`fold_batchnorm`) and,
+  for image inputs, in channels-last layout: the same function up to float
+  rounding, about a third faster on CPUs (README speed table).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ import copy
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .losses import TeacherOutput, class_position_table
 from .precision import Precision, autocast, check_precision
@@ -242,6 +247,58 @@ class OutputCache:
         return self.hits / total if total else 0.0
 
 
+TeacherInference = str
+"""``"fused"`` or ``"plain"``: how a :class:`TeacherSet` runs its teachers."""
+TEACHER_INFERENCE = ("fused", "plain")
+
+
+def check_inference(inference: str, caller: str) -> None:
+    if inference not in TEACHER_INFERENCE:
+        raise ValueError(f"{caller}: teacher_inference must be 'fused' or 'plain', got {inference!r}")
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``module`` in which every ``BatchNorm2d`` whose
+    input is a ``Conv2d`` used once (and only by it) is folded into that
+    convolution and replaced by ``nn.Identity``.
+
+    Module names stay (feature taps and auxiliary heads still find their
+    layers); the function is the same up to float rounding. A module whose
+    forward ``torch.fx`` cannot trace is copied unchanged. Written here
+    because torch's ``fx`` fusion returns a flattened ``GraphModule`` whose
+    container modules no longer run, which would silence feature taps.
+    """
+    folded = freeze(copy.deepcopy(module))
+    try:
+        graph = fx.symbolic_trace(folded).graph
+    except Exception:  # data-dependent control flow: run it as it is
+        return folded
+    named = dict(folded.named_modules())
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph.nodes:
+        bn = named.get(node.target) if node.op == "call_module" else None
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None or calls[node.target] != 1:
+            continue
+        source = node.args[0]
+        conv = named.get(source.target) if isinstance(source, fx.Node) and source.op == "call_module" else None
+        if not isinstance(conv, nn.Conv2d) or calls[source.target] != 1 or len(source.users) != 1:
+            continue
+        folded.set_submodule(source.target, freeze(fuse_conv_bn_eval(conv, bn)))
+        folded.set_submodule(node.target, nn.Identity())
+    return folded
+
+
+def inference_copy(module: nn.Module, inference: TeacherInference) -> nn.Module:
+    """What a :class:`TeacherSet` runs for ``module``: the module itself
+    (``"plain"``) or a BatchNorm-folded, channels-last copy (``"fused"``)."""
+    if inference == "plain":
+        return module
+    return fold_batchnorm(module).to(memory_format=torch.channels_last)
+
+
 class _Forward(nn.Module):
     """A teacher's whole forward as one module (for ``functional_call``):
     logits, auxiliary logits and tapped features."""
@@ -282,8 +339,7 @@ def _pad_to(states: List[Dict[str, Tensor]]) -> List[Dict[str, Tensor]]:
 class _StackedTeachers:
     """All teachers in one ``vmap`` over their stacked weights."""
 
-    def __init__(self, teachers: Sequence[GroupTeacher], feature_layers: Sequence[str], aux_logits: bool):
-        modules = [t.module for t in teachers]
+    def __init__(self, modules: Sequence[nn.Module], feature_layers: Sequence[str], aux_logits: bool):
         keys = [list(m.state_dict()) for m in modules]
         if any(k != keys[0] for k in keys):
             raise ValueError("batched teachers need the same architecture (the same state_dict names)")
@@ -344,9 +400,12 @@ class TeacherSet:
         batched: bool = False,
         cache: bool = False,
         precision: Precision = "fp32",
+        inference: TeacherInference = "fused",
     ):
         check_precision(precision, "TeacherSet")
+        check_inference(inference, "TeacherSet")
         self.precision = precision
+        self.inference = inference
         self.teachers = list(teachers)
         self.feature_layers = list(feature_layers)
         self.aux_logits = aux_logits
@@ -362,9 +421,10 @@ class TeacherSet:
             raise ValueError("TeacherSet: aux_logits needs feature_layers")
         if cache and self.return_features:
             raise ValueError("TeacherSet: feature maps are not cached (too large); use cache=False")
-        self._runners = [_Forward(t.module, self.feature_layers, aux_logits) for t in self.teachers]
+        running = [inference_copy(t.module, inference) for t in self.teachers]
+        self._runners = [_Forward(m, self.feature_layers, aux_logits) for m in running]
         self.batched = batched and len(self.teachers) > 1
-        self._stacked = _StackedTeachers(self.teachers, self.feature_layers, aux_logits) if self.batched else None
+        self._stacked = _StackedTeachers(running, self.feature_layers, aux_logits) if self.batched else None
         self.cache = OutputCache(len(self.teachers)) if cache else None
         self._class_to_teacher: Optional[Tensor] = None
 
@@ -376,8 +436,9 @@ class TeacherSet:
         return [t.classes for t in self.teachers]
 
     def to(self, device: torch.device | str) -> "TeacherSet":
-        for t in self.teachers:
+        for t, runner in zip(self.teachers, self._runners):
             t.module.to(device)
+            runner.to(device)
         if self._stacked is not None:
             self._stacked.to(device)
         return self
@@ -395,6 +456,8 @@ class TeacherSet:
     def compute(self, x: Tensor, indices: Sequence[int]) -> Dict[int, TeacherOutput]:
         """Teachers ``indices`` on ``x``, without the cache."""
         indices = list(indices)
+        if self.inference == "fused" and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, x.device):
             if self._stacked is not None and len(indices) > 1:
                 out, aux, feats = self._stacked(x, None if indices == list(range(len(self))) else indices)
@@ -495,6 +558,7 @@ __all__ = [
     "TeacherOutput",
     "TeacherSet",
     "draw_teachers",
+    "fold_batchnorm",
     "group_teachers",
     "input_fingerprints",
     "train_group_teacher",

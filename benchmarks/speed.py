@@ -29,7 +29,9 @@ MODES = {
     "naive": "Naive (Avalanche), random crop + flip",
     "lwf": "LwF (Avalanche), random crop + flip",
     "m2kd-loop": "M2KD, exact, teachers in a Python loop, random crop + flip",
+    "m2kd-loop-plain": "M2KD as m2kd-loop, teachers run as stored (teacher_inference='plain')",
     "m2kd-bf16-teachers": "M2KD, exact, loop, teachers in bf16 (student in fp32), random crop + flip",
+    "m2kd-bf16-teachers-plain": "M2KD as m2kd-bf16-teachers, teachers run as stored (teacher_inference='plain')",
     "naive-bf16": "Naive with bf16 forward passes (MixedPrecisionPlugin), random crop + flip",
     "m2kd-bf16": "M2KD, exact, loop, student and teachers in bf16, random crop + flip",
     "m2kd-batched": "M2KD, exact, batched teachers (vmap), random crop + flip",
@@ -90,15 +92,18 @@ def worker(spec: dict) -> dict:
                        alpha=1.0, temperature=2.0, **common)
     elif mode.startswith("m2kd"):
         kw = dict(aux_layers=aux, teacher_cache="off")
-        if mode == "m2kd-batched":
+        kind = mode.removesuffix("-plain")
+        if kind != mode:
+            kw["teacher_inference"] = "plain"
+        if kind == "m2kd-batched":
             kw["batched_teachers"] = True
-        elif mode in ("m2kd-bf16-teachers", "m2kd-bf16"):
+        elif kind in ("m2kd-bf16-teachers", "m2kd-bf16"):
             kw["teacher_precision"] = "bf16"
-        elif mode == "m2kd-sampled1":
+        elif kind == "m2kd-sampled1":
             kw["teachers_per_batch"] = 1
-        elif mode == "m2kd-packnet":
+        elif kind == "m2kd-packnet":
             kw.update(snapshot_store="packnet", post_prune_epochs=0)
-        elif mode == "m2kd-cached-epochs":
+        elif kind == "m2kd-cached-epochs":
             kw["teacher_cache"] = "exact"
         strategy = M2KD(model=model, optimizer=opt(model.parameters()), **kw, **common)
     else:

@@ -17,7 +17,7 @@ from .._experience import check_batch, check_is_criterion, check_stream, experie
 from ..distributed import broadcast_module
 from ..losses import SampleDistillation, TeacherOutput, sample_distillation
 from ..precision import Precision, check_precision
-from ..teachers import GroupTeacher, TeacherSet, group_teachers, train_group_teacher
+from ..teachers import GroupTeacher, TeacherInference, TeacherSet, check_inference, group_teachers, train_group_teacher
 from .kd import routed_distillation_loss
 
 TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
@@ -102,6 +102,9 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             and 7/8 of the epochs (150, 180, 210 of 240).
         teacher_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the
             precision of the teachers' forward passes while the student learns.
+        teacher_inference: ``"fused"`` (default [ours]: BatchNorm folded into
+            the convolutions, channels-last images, outputs equal to float
+            rounding) or ``"plain"``, as in :class:`~avalanche_m2kd.teachers.TeacherSet`.
         alpha: weight of the cross-entropy. Default 0.3 [code]; 1 is plain
             cross-entropy (teachers are then neither trained nor run).
         temperature: default 4 [code].
@@ -139,6 +142,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_batch_size: Optional[int] = None,
         teacher_scheduler: Optional[SchedulerFactory] = None,
         teacher_precision: Precision = "fp32",
+        teacher_inference: TeacherInference = "fused",
         alpha: float = 0.3,
         temperature: float = 4.0,
         distillation: Union[str, SampleDistillation] = "hinton",
@@ -151,6 +155,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         super().__init__()
         check_cache_mode("EducationDistillationPlugin", teacher_cache)
         check_precision(teacher_precision, "EducationDistillationPlugin")
+        check_inference(teacher_inference, "EducationDistillationPlugin")
         if (teachers is None) == (teacher_factory is None):
             raise ValueError("EducationDistillationPlugin: give either teachers or teacher_factory (exactly one)")
         if not 0.0 <= alpha <= 1.0:
@@ -170,6 +175,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self.teacher_batch_size = teacher_batch_size
         self.teacher_scheduler = teacher_scheduler or default_teacher_scheduler
         self.teacher_precision = teacher_precision
+        self.teacher_inference = teacher_inference
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.distillation = distillation
@@ -233,9 +239,9 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 self.teachers.append(self._train_teacher(strategy))
             self._check_teacher_width(strategy, self.teachers[s])
             cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset)
-            self._teacher_set = TeacherSet(self.teachers[: s + 1], cache=cache, precision=self.teacher_precision).to(
-                strategy.device
-            )
+            self._teacher_set = TeacherSet(
+                self.teachers[: s + 1], cache=cache, precision=self.teacher_precision, inference=self.teacher_inference
+            ).to(strategy.device)
         self._rebuild_optimizer_if_grown(strategy, self._params_after_last_stage)
         if self.stage_epochs is not None:
             strategy.train_epochs = self.stage_epochs[min(s, len(self.stage_epochs) - 1)]

@@ -12,7 +12,7 @@ from torch import Tensor
 from .._experience import check_is_criterion
 from ..losses import SampleDistillation, TeacherOutput, education_distillation_loss, sample_distillation
 from ..precision import Precision, check_precision
-from ..teachers import TeacherSet, group_teachers
+from ..teachers import TeacherInference, TeacherSet, check_inference, group_teachers
 
 Routed = Tuple[List[Tensor], List[TeacherOutput]]
 
@@ -59,6 +59,8 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         distillation: per-sample loss, ``"hinton"`` (default) or another name in
             :data:`avalanche_m2kd.losses.SAMPLE_DISTILLATIONS`, or a callable.
         teacher_precision: precision of the teachers' forward passes (default fp32).
+        teacher_inference: ``"fused"`` (default) or ``"plain"``, as in
+            :class:`~avalanche_m2kd.teachers.TeacherSet`.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         temperature: float = 4.0,
         distillation: Union[str, SampleDistillation] = "hinton",
         teacher_precision: Precision = "fp32",
+        teacher_inference: TeacherInference = "fused",
     ):
         super().__init__()
         if not teachers:
@@ -77,12 +80,14 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         if temperature <= 0:
             raise ValueError(f"RoutedDistillationPlugin: temperature must be > 0, got {temperature}")
         check_precision(teacher_precision, "RoutedDistillationPlugin")
+        check_inference(teacher_inference, "RoutedDistillationPlugin")
         self.teachers = group_teachers(teachers, "RoutedDistillationPlugin")
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.distillation = distillation
         self._distill = sample_distillation(distillation)
         self.teacher_precision = teacher_precision
+        self.teacher_inference = teacher_inference
         self._teacher_set: Optional[TeacherSet] = None
         self._routed: Optional[Routed] = None
 
@@ -96,7 +101,9 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_exp(self, strategy, **kwargs):
         if self.alpha < 1.0:
-            self._teacher_set = TeacherSet(self.teachers, cache=False, precision=self.teacher_precision).to(strategy.device)
+            self._teacher_set = TeacherSet(
+                self.teachers, cache=False, precision=self.teacher_precision, inference=self.teacher_inference
+            ).to(strategy.device)
 
     def after_forward(self, strategy, **kwargs):
         if self._teacher_set is not None and strategy.is_training:

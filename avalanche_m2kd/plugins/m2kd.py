@@ -28,7 +28,7 @@ from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights
 from ..precision import Precision, check_precision, scaler_skips_non_finite
 from ..snapshots import PackNetSnapshotStore, StoreKind, make_snapshot_store
 from ..taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads, resolve_modules
-from ..teachers import GroupTeacher, TeacherSet, draw_teachers
+from ..teachers import GroupTeacher, TeacherInference, TeacherSet, check_inference, draw_teachers
 
 TeacherMode = Literal["all", "last"]
 
@@ -157,6 +157,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_precision: ``"fp32"`` (default), ``"bf16"`` or ``"fp16"``: the
             precision of the snapshots' forward passes (their outputs come back in
             float32). bf16 halves their cost on CPUs with bf16 units and GPUs.
+        teacher_inference: ``"fused"`` (default [ours]) runs each snapshot with
+            its BatchNorm folded into the convolutions and channels-last images,
+            about 1.5x faster on CPUs, equal to float rounding; ``"plain"``
+            runs the snapshots as stored, bit for bit (see
+            :class:`~avalanche_m2kd.teachers.TeacherSet`).
         check_batches: check every batch (finite inputs, labels inside the
             head, finite loss terms) at once, instead of the first batch of each
             experience only. Default False [ours]: each check reads values back
@@ -187,11 +192,13 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         batched_teachers: bool = False,
         teachers_per_batch: Optional[int] = None,
         teacher_precision: Precision = "fp32",
+        teacher_inference: TeacherInference = "fused",
         check_batches: bool = False,
     ):
         super().__init__()
         check_cache_mode("M2KDPlugin", teacher_cache)
         check_precision(teacher_precision, "M2KDPlugin")
+        check_inference(teacher_inference, "M2KDPlugin")
         try:
             self.objective = M2KDLoss(loss, temperature, mm_weight, aux_weight, aux_ce_weight, aux, feature_distance)
         except ValueError as err:  # the loss object validates the arguments it holds
@@ -223,6 +230,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self.batched_teachers = bool(batched_teachers)
         self.teachers_per_batch = teachers_per_batch
         self.teacher_precision = teacher_precision
+        self.teacher_inference = teacher_inference
         self.check_batches = bool(check_batches)
         self.snapshots = make_snapshot_store(snapshot_store, prune_ratio, head_layers)
         self.groups: List[List[int]] = []
@@ -296,6 +304,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "batched_teachers": self.batched_teachers,
             "teachers_per_batch": self.teachers_per_batch,
             "teacher_precision": self.teacher_precision,
+            "teacher_inference": self.teacher_inference,
             "check_batches": self.check_batches,
         }
 
@@ -345,6 +354,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             batched=self.batched_teachers,
             cache=cache,
             precision=self.teacher_precision,
+            inference=self.teacher_inference,
         ).to(device)
 
     def _run_teachers(self, teacher_set: Optional[TeacherSet], x: Tensor) -> tuple:

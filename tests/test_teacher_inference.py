@@ -1,0 +1,106 @@
+"""Issue 14.5: teachers run as BatchNorm-folded, channels-last copies (the
+default ``inference="fused"``): the same outputs to float rounding, the
+teachers' own modules untouched, and ``"plain"`` bit for bit."""
+
+import pytest
+import torch
+from torch import nn
+
+from avalanche_m2kd import GroupTeacher, TeacherSet
+from avalanche_m2kd.models import icarl_resnet32
+from avalanche_m2kd.taps import attach_auxiliary_heads
+from avalanche_m2kd.teachers import fold_batchnorm
+
+# float32 rounding compounded over 31 folded layers; measured here: about 1e-6 of the largest logit
+FOLD_RELATIVE_TOLERANCE = 1e-4
+
+
+def _trained_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """BatchNorm running statistics that are not the identity (as a trained teacher has)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x * 2 + 1)
+    return model.eval()
+
+
+def test_folding_removes_every_batchnorm_after_a_convolution_and_keeps_the_function():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model = _trained_statistics(icarl_resnet32(num_classes=10), x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 31
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert {n for n, _ in model.named_modules()} == {n for n, _ in folded.named_modules()}  # taps still find layers
+    with torch.no_grad():
+        want, got = model(x), folded(x)
+    assert (got - want).abs().max() <= FOLD_RELATIVE_TOLERANCE * want.abs().max()
+    assert not torch.equal(got, want)  # it did change the arithmetic
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+
+
+def test_only_a_batchnorm_fed_by_a_convolution_used_once_is_folded():
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    class Shared(nn.Module):  # the same convolution twice: folding one use would change the other
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = conv, nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.conv(x)
+
+    after_relu = nn.Sequential(nn.Conv2d(2, 2, 3), nn.ReLU(), nn.BatchNorm2d(2))
+    for model in (Shared(), after_relu):
+        folded = fold_batchnorm(_trained_statistics(model, torch.randn(4, 2, 6, 6)))
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) == 1
+
+
+def test_a_module_fx_cannot_trace_runs_unchanged():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: symbolic tracing fails
+                x = -x
+            return self.bn(self.conv(x))
+
+    model = _trained_statistics(Branchy(), torch.randn(4, 1, 6, 6))
+    folded = fold_batchnorm(model)
+    assert isinstance(folded.bn, nn.BatchNorm2d)
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_fused_teacher_set_matches_plain_on_logits_aux_logits_and_features():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    model = _trained_statistics(icarl_resnet32(num_classes=6), x)
+    attach_auxiliary_heads(model, ["stage1", "stage2"], x[0])
+    teachers = [GroupTeacher(model, [0]), GroupTeacher(model, [1])]  # the auxiliary heads start 2 classes wide
+    with_aux = dict(feature_layers=["stage1", "stage2"], aux_logits=True)
+    plain = TeacherSet(teachers, inference="plain", **with_aux).run_all(x)
+    fused = TeacherSet(teachers, **with_aux).run_all(x)
+    with torch.no_grad():
+        assert torch.equal(plain[1].logits, model(x)[:, 1:2])  # "plain" is the module, bit for bit
+    for p, f in zip(plain, fused):
+        for a, b in zip([p.logits, *p.aux_logits], [f.logits, *f.aux_logits]):
+            assert (a - b).abs().max() <= FOLD_RELATIVE_TOLERANCE * a.abs().max()
+    plain_features = TeacherSet(teachers, feature_layers=["stage2"], inference="plain").run_all(x)[0].features[0]
+    fused_features = TeacherSet(teachers, feature_layers=["stage2"]).run_all(x)[0].features[0]
+    assert (fused_features - plain_features).abs().max() <= FOLD_RELATIVE_TOLERANCE * plain_features.abs().max()
+    batched = TeacherSet(teachers, batched=True, **with_aux).run_all(x)
+    assert all(torch.allclose(b.logits, f.logits, atol=1e-5) for b, f in zip(batched, fused))
+
+
+def test_unknown_inference_is_named():
+    with pytest.raises(ValueError, match="teacher_inference must be 'fused' or 'plain', got 'fast'"):
+        TeacherSet([GroupTeacher(nn.Linear(2, 2), [0, 1])], inference="fast")
+    from avalanche_m2kd import M2KDPlugin
+
+    with pytest.raises(ValueError, match="M2KDPlugin: teacher_inference"):
+        M2KDPlugin(teacher_inference="fast")
