@@ -14,7 +14,13 @@ Methods (one student architecture, data, augmentation, optimizer and budget):
 * ``ed``: Education Distillation: the student grows stage by stage, every
   finished stage revisited (mixed with the new one), the same stage teachers;
 * ``ed-seq``: ED with each epoch walking the stages in order (the authors' code);
-* ``ed-mse``: ED with logit matching as its per-sample distillation loss.
+* ``ed-mse``: ED with logit matching as its per-sample distillation loss;
+* ``ed-full``: ED's stages, stage teachers and revisits with the student fully
+  grown from the first stage (ablation: what growth and the teaching-reference
+  heads do);
+* ``ed-1t``: ED with the one all-class teacher, its logits sliced to each
+  stage's classes, in place of the stage teachers (ablation: what per-stage
+  teachers do).
 
 The budget is the number of sample visits: the full-student methods train
 ``epochs`` epochs over all data; ED trains each of its ``S`` stages
@@ -36,12 +42,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
 
 PROG = "python -m benchmarks.ed_kd"
 PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
-METHODS = ("ce", "kd", "mtkd", "ed", "ed-seq", "ed-mse")
+METHODS = ("ce", "kd", "mtkd", "ed", "ed-seq", "ed-mse", "ed-full", "ed-1t")
 DESCRIPTIONS = {
     "ce": "full student, cross-entropy only",
     "kd": "full student, single-teacher KD (teacher on all classes)",
@@ -49,8 +56,13 @@ DESCRIPTIONS = {
     "ed": "Education Distillation (growth, TR heads, stage teachers, full revisit)",
     "ed-seq": "ED with each epoch walking the stages in order (the authors' code) instead of mixing them",
     "ed-mse": "ED with logit matching as its distillation loss",
+    "ed-full": "ED without growth: the full student (last TR head) from the first stage",
+    "ed-1t": "ED with the all-class teacher, sliced to each stage's classes, as every stage's teacher",
 }
-CLAIMS = (("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"), ("ed-seq", "ed"), ("ed-mse", "ed"))
+CLAIMS = (
+    ("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"),
+    ("ed-full", "mtkd"), ("ed-full", "ed"), ("ed-1t", "ed"), ("ed-seq", "ed"), ("ed-mse", "ed"),
+)
 """(method, baseline) pairs whose per-seed differences the summary reports."""
 TEACHER_KEYS = (
     "dataset", "stages", "class_order", "teacher", "teacher_epochs", "batch_size", "lr", "momentum",
@@ -147,8 +159,9 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     specs = {"all": (sorted(int(c) for c in np.unique(data.y_train)), whole.train_stream[0].dataset)}
     for k, exp in enumerate(stages.train_stream):
         specs[f"stage{k}"] = (sorted(int(c) for c in exp.classes_in_this_experience), exp.dataset)
-    roles = ["all"] * any(m == "kd" for m in config["methods"]) + [
-        r for r in specs if r != "all" and any(m == "mtkd" or m.startswith("ed") for m in config["methods"])
+    methods = config["methods"]
+    roles = ["all"] * any(m in ("kd", "ed-1t") for m in methods) + [
+        r for r in specs if r != "all" and any(m == "mtkd" or (m.startswith("ed") and m != "ed-1t") for m in methods)
     ]
     device = config["device"]
     out = {}
@@ -207,6 +220,36 @@ def stage_epochs(config: dict) -> int:
     return max(1, round(2 * config["epochs"] / (config["stages"] + 1)))
 
 
+class ClassSlice(nn.Module):
+    """A frozen teacher's logits at ``columns`` only: the all-class teacher as
+    a stage teacher (``ed-1t``)."""
+
+    def __init__(self, module: nn.Module, columns: List[int]):
+        super().__init__()
+        self.module = module
+        self.register_buffer("columns", torch.as_tensor(columns, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x).index_select(1, self.columns)
+
+
+def ed_stage_teachers(method: str, config: dict, stages, teachers) -> list:
+    """The teachers ED distils from at each stage: the stage teachers, or for
+    ``ed-1t`` the all-class teacher restricted to each stage's classes."""
+    from avalanche_m2kd.teachers import GroupTeacher
+
+    if method != "ed-1t":
+        return [teachers[f"stage{k}"] for k in range(config["stages"])]
+    every = teachers["all"]
+    position = {c: i for i, c in enumerate(every.classes)}
+    out = []
+    for exp in stages.train_stream:
+        classes = sorted(int(c) for c in exp.classes_in_this_experience)
+        sliced = ClassSlice(every.module, [every.columns[position[c]] for c in classes])
+        out.append(GroupTeacher(sliced, classes, range(len(classes))))
+    return out
+
+
 def train_student(method: str, seed: int, config: dict, data, stages, whole, teachers) -> dict:
     from avalanche.training import Naive
     from avalanche.training.determinism.rng_manager import RNGManager
@@ -221,7 +264,7 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
         warnings.simplefilter("ignore")
         evaluator = EvaluationPlugin(loggers=[])
     is_ed = method.startswith("ed")
-    student = make_student(config, data, full=not is_ed)
+    student = make_student(config, data, full=not is_ed or method == "ed-full")
     optimizer = _sgd(config)(student.parameters())
     epochs = stage_epochs(config) if is_ed else config["epochs"]
     scheduler = _scheduler(config["milestones"], config["gamma"])(optimizer, epochs)
@@ -232,9 +275,8 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
     kd = dict(alpha=config["alpha"], temperature=config["temperature"], teacher_precision=config["precision"])
     began = time.perf_counter()
     if is_ed:
-        stage_teachers = [teachers[f"stage{k}"] for k in range(config["stages"])]
         strategy = EducationDistillation(
-            model=student, optimizer=optimizer, teachers=stage_teachers, revisit="all",
+            model=student, optimizer=optimizer, teachers=ed_stage_teachers(method, config, stages, teachers), revisit="all",
             order="sequential" if method == "ed-seq" else "mixed",
             distillation="logit_mse" if method == "ed-mse" else "hinton", plugins=plugins, **kd, **common,
         )

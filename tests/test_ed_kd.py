@@ -76,7 +76,7 @@ def test_distillation_with_alpha_one_is_the_cross_entropy_run():
 
 def test_bad_method_and_preset_are_one_line_errors(capsys):
     assert ed_kd.main(["--methods", "ce,dkd"]) == 2
-    assert "unknown method dkd; choose from ce, kd, mtkd, ed, ed-seq, ed-mse" in capsys.readouterr().err
+    assert "unknown method dkd; choose from ce, kd, mtkd, ed, ed-seq, ed-mse, ed-full, ed-1t" in capsys.readouterr().err
     assert ed_kd.main(["--preset", "nope"]) == 2
     assert "unknown preset 'nope'; choose from ed-kd-cifar100-cpu" in capsys.readouterr().err
 
@@ -104,3 +104,43 @@ def test_a_teacher_does_not_depend_on_which_methods_ran(tmp_path):
     one = torch.load(tmp_path / "one" / "teacher-stage1.pt", weights_only=True)["state"]
     two = torch.load(tmp_path / "two" / "teacher-stage1.pt", weights_only=True)["state"]
     assert all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_one_teacher_ablation_slices_the_all_class_teacher_to_each_stage():
+    from avalanche_m2kd.teachers import GroupTeacher
+
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*TINY, "--device", "cpu"]))
+    data, stages, whole = ed_kd.load_streams(config)
+    torch.manual_seed(0)
+    every = nn.Sequential(nn.Flatten(), nn.Linear(64, data.n_classes))
+    teachers = {"all": GroupTeacher(every, list(range(data.n_classes)))}
+    per_stage = ed_kd.ed_stage_teachers("ed-1t", config, stages, teachers)
+    x = torch.randn(5, 1, 8, 8)
+    for exp, teacher in zip(stages.train_stream, per_stage):
+        classes = sorted(int(c) for c in exp.classes_in_this_experience)
+        assert teacher.classes == classes and teacher.columns == list(range(len(classes)))
+        assert torch.equal(teacher.module(x), every(x)[:, classes])
+    stage_only = {f"stage{k}": object() for k in range(3)}
+    assert ed_kd.ed_stage_teachers("ed", config, stages, stage_only) == list(stage_only.values())
+
+
+def test_growth_ablation_starts_from_the_full_student(monkeypatch):
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*TINY, "--device", "cpu", "--epochs", "2"]))
+    config["alpha"] = 1.0  # no teachers needed: the switch under test is the student's starting depth
+    data, stages, whole = ed_kd.load_streams(config)
+    made = {}
+    original = ed_kd.make_student
+
+    def record(config, data, full):
+        student = original(config, data, full)
+        made["depth"], made["width"] = student.depth, student.head.classifier.classifier.out_features
+        return student
+
+    monkeypatch.setattr(ed_kd, "make_student", record)
+    never_run = {f"stage{k}": (nn.Linear(1, 1), sorted(int(c) for c in exp.classes_in_this_experience))
+                 for k, exp in enumerate(stages.train_stream)}
+    ed_kd.train_student("ed-full", 0, config, data, stages, whole, never_run)
+    full = dict(made)
+    ed_kd.train_student("ed", 0, config, data, stages, whole, never_run)
+    assert full == {"depth": 3, "width": data.n_classes}
+    assert made["depth"] < 3
