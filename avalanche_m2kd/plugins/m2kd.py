@@ -159,7 +159,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             float32). bf16 halves their cost on CPUs with bf16 units and GPUs.
         teacher_inference: ``"fused"`` (default [ours]) runs each snapshot with
             its BatchNorm folded into the convolutions and channels-last images,
-            about 1.5x faster on CPUs, equal to float rounding; ``"plain"``
+            about 1.2x faster on CPUs (README speed table), equal to float rounding; ``"plain"``
             runs the snapshots as stored, bit for bit (see
             :class:`~avalanche_m2kd.teachers.TeacherSet`).
         check_batches: check every batch (finite inputs, labels inside the
