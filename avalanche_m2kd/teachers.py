@@ -108,12 +108,17 @@ def train_group_teacher(
     batch_size: int,
     device: torch.device | str = "cpu",
     lrs: Optional[List[float]] = None,
+    precision: Precision = "fp32",
 ) -> "GroupTeacher":
     """Train ``module`` (``len(classes)`` outputs) by cross-entropy on the
     samples of ``dataset`` (training transforms), global labels ``classes[i]``
     mapped to local label ``i``; ``scheduler_factory(optimizer, epochs)`` is
     stepped once per epoch and each epoch's learning rate appended to ``lrs``.
-    Returns the frozen :class:`GroupTeacher`."""
+    ``precision`` runs each forward pass under its own autocast context (as
+    :class:`~avalanche_m2kd.precision.MixedPrecisionPlugin` does): autocast
+    keeps each weight's low-precision copy until its context exits, so one
+    context around the whole loop would run every forward on the first step's
+    weights, and nothing would be learned. Returns the frozen :class:`GroupTeacher`."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
@@ -130,7 +135,9 @@ def train_group_teacher(
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
             optimizer.zero_grad()
-            F.cross_entropy(module(x), lookup[y]).backward()
+            with autocast(precision, device):
+                logits = module(x)
+            F.cross_entropy(logits.float(), lookup[y]).backward()
             optimizer.step()
         scheduler.step()
     return GroupTeacher(module, classes, columns=range(len(classes)))

@@ -153,7 +153,6 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     when a teacher of the same configuration is there, else trained and saved."""
     from avalanche_m2kd import models
     from avalanche_m2kd.checkpoint import atomic_write
-    from avalanche_m2kd.precision import autocast
     from avalanche_m2kd.teachers import GroupTeacher, train_group_teacher
 
     specs = {"all": (sorted(int(c) for c in np.unique(data.y_train)), whole.train_stream[0].dataset)}
@@ -188,11 +187,10 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
             log(f"teacher {role}: loaded from {path}")
             continue
         began = time.perf_counter()
-        with autocast(config["precision"], device):
-            out[role] = train_group_teacher(
-                module, dataset, classes, config["teacher_epochs"], _sgd(config),
-                _scheduler(config["milestones"], config["gamma"]), config["batch_size"], device,
-            )
+        out[role] = train_group_teacher(
+            module, dataset, classes, config["teacher_epochs"], _sgd(config),
+            _scheduler(config["milestones"], config["gamma"]), config["batch_size"], device, precision=config["precision"],
+        )
         state = {"config": wanted, "classes": classes, "state": module.state_dict(),
                  "train_s": time.perf_counter() - began}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
