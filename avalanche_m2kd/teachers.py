@@ -24,7 +24,7 @@ through the teacher of its own group (ED); optionally
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 from torch import Tensor, fx, nn
@@ -255,9 +255,9 @@ class OutputCache:
         return self.hits / total if total else 0.0
 
 
-TeacherInference = str
-"""``"fused"`` or ``"plain"``: how a :class:`TeacherSet` runs its teachers."""
-TEACHER_INFERENCE = ("fused", "plain")
+TeacherInference = Literal["fused", "plain"]
+"""How a :class:`TeacherSet` runs its teachers."""
+TEACHER_INFERENCE = get_args(TeacherInference)
 
 
 def check_inference(inference: str, caller: str) -> None:
@@ -360,7 +360,7 @@ class _StackedTeachers:
         self.params = {}
         self.buffers = {}
         for name in states[0]:
-            stacked = torch.stack([s[name] for s in states])
+            stacked = torch.stack([s[name] for s in states]).contiguous()  # vmap has no channels-last batching rules
             (self.params if f"model.{name}" in param_names else self.buffers)[f"model.{name}"] = stacked
 
     def to(self, device) -> "_StackedTeachers":
@@ -469,14 +469,14 @@ class TeacherSet:
     def compute(self, x: Tensor, indices: Sequence[int]) -> Dict[int, TeacherOutput]:
         """Teachers ``indices`` on ``x``, without the cache."""
         indices = list(indices)
-        if self.inference == "fused" and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.precision, x.device):
             if self._stacked is not None and len(indices) > 1:
                 out, aux, feats = self._stacked(x, None if indices == list(range(len(self))) else indices)
                 return {
                     j: self._select(j, out[i], [a[i] for a in aux], [f[i] for f in feats]) for i, j in enumerate(indices)
                 }
+            if self.inference == "fused" and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             return {j: self._select(j, *self._runners[j](x)) for j in indices}
 
     def run(self, index: int, x: Tensor) -> TeacherOutput:

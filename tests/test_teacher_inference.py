@@ -104,3 +104,14 @@ def test_unknown_inference_is_named():
 
     with pytest.raises(ValueError, match="M2KDPlugin: teacher_inference"):
         M2KDPlugin(teacher_inference="fast")
+
+
+def test_a_plugin_state_of_another_configuration_names_the_key_even_when_it_is_missing():
+    from avalanche_m2kd import M2KDPlugin
+
+    state = M2KDPlugin().state_dict()
+    with pytest.raises(ValueError, match=r"'teacher_inference': \('fused', 'plain'\)"):
+        M2KDPlugin(teacher_inference="plain").load_state_dict(state)
+    del state["config"]["teacher_inference"]  # a state saved before the option existed
+    with pytest.raises(ValueError, match=r"'teacher_inference': \(None, 'fused'\)"):
+        M2KDPlugin().load_state_dict(state)

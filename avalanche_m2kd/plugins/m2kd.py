@@ -559,7 +559,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if state.get("format") != "avalanche_m2kd.M2KDPlugin/1":
             raise ValueError("not an M2KDPlugin state (missing or unknown 'format')")
         if state["config"] != self.config():
-            diff = {k: (v, self.config().get(k)) for k, v in state["config"].items() if self.config().get(k) != v}
+            now = self.config()
+            diff = {k: (state["config"].get(k), now.get(k)) for k in {**state["config"], **now} if state["config"].get(k) != now.get(k)}
             raise ValueError(f"M2KDPlugin state was saved with another configuration (saved, current): {diff}")
         self.groups = [list(g) for g in state["groups"]]
         self._stream_classes = state.get("stream_classes")
