@@ -255,14 +255,15 @@ class OutputCache:
         return self.hits / total if total else 0.0
 
 
-TeacherInference = Literal["fused", "plain"]
+TeacherInference = Literal["fused", "plain", "compiled"]
 """How a :class:`TeacherSet` runs its teachers."""
 TEACHER_INFERENCE = get_args(TeacherInference)
 
 
 def check_inference(inference: str, caller: str) -> None:
     if inference not in TEACHER_INFERENCE:
-        raise ValueError(f"{caller}: teacher_inference must be 'fused' or 'plain', got {inference!r}")
+        choices = ", ".join(repr(c) for c in TEACHER_INFERENCE)
+        raise ValueError(f"{caller}: teacher_inference must be one of {choices}, got {inference!r}")
 
 
 def fold_batchnorm(module: nn.Module) -> nn.Module:
@@ -301,7 +302,8 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
 def inference_copy(module: nn.Module, inference: TeacherInference) -> nn.Module:
     """What a :class:`TeacherSet` runs for ``module``: the module itself
-    (``"plain"``) or a BatchNorm-folded, channels-last copy (``"fused"``)."""
+    (``"plain"``) or a BatchNorm-folded, channels-last copy (``"fused"``, and
+    ``"compiled"``, which then compiles it)."""
     if inference == "plain":
         return module
     return fold_batchnorm(module).to(memory_format=torch.channels_last)
@@ -383,6 +385,16 @@ class _StackedTeachers:
         return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
 
 
+def _run_compiled(forward: Callable, x: Tensor):
+    try:
+        return forward(x)
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler on this machine
+        raise RuntimeError(
+            f"teacher_inference='compiled': torch.compile could not compile the teachers ({error}); "
+            "install a C++ compiler (CPU) or Triton (GPU), or use teacher_inference='fused'"
+        ) from error
+
+
 class TeacherSet:
     """Runs a list of :class:`GroupTeacher` under ``no_grad``.
 
@@ -400,9 +412,14 @@ class TeacherSet:
             outputs are returned (and cached) in float32.
         inference: ``"fused"`` (default [ours]: BatchNorm folded into the
             convolutions, channels-last images; outputs equal to float
-            rounding, about 1.2x faster inside M2KD on this project's CPU) or
-            ``"plain"`` (the modules as given, bit for bit). The teachers' own
-            modules are never changed: ``"fused"`` runs copies.
+            rounding, about 1.2x faster inside M2KD on this project's CPU),
+            ``"plain"`` (the modules as given, bit for bit) or ``"compiled"``
+            (the fused copies through ``torch.compile``: faster again once
+            compiled, see the README's speed table, but the first batch waits
+            for the compiler, tens of seconds, and it needs a C++ compiler on
+            a CPU; not the default for that reason). The teachers' own modules
+            are never changed: ``"fused"`` and ``"compiled"`` run copies.
+            ``"compiled"`` does not combine with ``batched``.
     """
 
     def __init__(
@@ -434,8 +451,13 @@ class TeacherSet:
             raise ValueError("TeacherSet: aux_logits needs feature_layers")
         if cache and self.return_features:
             raise ValueError("TeacherSet: feature maps are not cached (too large); use cache=False")
+        if batched and inference == "compiled":
+            raise ValueError("TeacherSet: batched teachers (vmap) are not compiled; use inference='fused' with batched=True")
         running = [inference_copy(t.module, inference) for t in self.teachers]
         self._runners = [_Forward(m, self.feature_layers, aux_logits) for m in running]
+        # The compiled forwards wrap the runners (so .to() still moves the runners' weights);
+        # every teacher shares one compiled graph when their shapes agree (weights are graph inputs).
+        self._compiled = [torch.compile(r) for r in self._runners] if inference == "compiled" else None
         self.batched = batched and len(self.teachers) > 1
         self._stacked = _StackedTeachers(running, self.feature_layers, aux_logits) if self.batched else None
         self.cache = OutputCache(len(self.teachers)) if cache else None
@@ -475,8 +497,10 @@ class TeacherSet:
                 return {
                     j: self._select(j, out[i], [a[i] for a in aux], [f[i] for f in feats]) for i, j in enumerate(indices)
                 }
-            if self.inference == "fused" and x.dim() == 4:
+            if self.inference != "plain" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self._compiled is not None:
+                return {j: self._select(j, *_run_compiled(self._compiled[j], x)) for j in indices}
             return {j: self._select(j, *self._runners[j](x)) for j in indices}
 
     def run(self, index: int, x: Tensor) -> TeacherOutput:

@@ -51,9 +51,9 @@ def load_preset(name: str) -> dict:
     return read_json(table[name], "preset")
 
 
-def parse_names(text: Optional[str], known: List[str], what: str) -> List[str]:
-    """A comma-separated choice among ``known`` (all of them when ``text`` is empty)."""
-    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(known)
+def parse_names(text: Optional[str], known: List[str], what: str, default: Optional[List[str]] = None) -> List[str]:
+    """A comma-separated choice among ``known`` (``default``, else all of them, when ``text`` is empty)."""
+    names = [s.strip() for s in text.split(",") if s.strip()] if text else list(default or known)
     unknown = [s for s in names if s not in known]
     if unknown or not names:
         raise UsageError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits, fmnist, cifar10, cifar100, npz:PATH or imagefolder:ROOT")
     p.add_argument("--data-root", help="folder holding the data set files")
     p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
-    p.add_argument("--strategies", help="comma-separated strategies (default: all; see --list)")
+    p.add_argument("--strategies", help="comma-separated strategies (default: all but the ablations m2kd-icarl-noaux, m2kd-bce-noaux; see --list)")
     p.add_argument("--mem-size", type=int, help="exemplars kept in total, for every strategy that uses a memory")
     p.add_argument("--epochs", type=int, help="epochs per experience")
     p.add_argument("--n-experiences", type=int, help="number of experiences")
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The preset, with the command line's overrides applied."""
-    from benchmarks.strategies import NEEDS_MEMORY, STRATEGIES
+    from benchmarks.strategies import ABLATIONS, NEEDS_MEMORY, STRATEGIES
 
     from avalanche_m2kd import models
 
@@ -138,7 +138,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["lr_sigmoid"] = None
     if args.seeds:
         config["seeds"] = parse_seeds(args.seeds)
-    config["strategies"] = names = parse_names(args.strategies, list(STRATEGIES), "strategy")
+    default = [n for n in STRATEGIES if n not in ABLATIONS]
+    config["strategies"] = names = parse_names(args.strategies, list(STRATEGIES), "strategy", default)
     needs_memory = [n for n in names if n in NEEDS_MEMORY]
     if config["mem_size"] == 0 and needs_memory:
         raise UsageError(f"{', '.join(needs_memory)} need an exemplar memory: set --mem-size > 0 or leave them out of --strategies")

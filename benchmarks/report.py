@@ -85,9 +85,11 @@ CLAIMS = [
     ("m2kd", "m2kd-noaux"),
     ("m2kd-icarl", "icarl"),
     ("m2kd-icarl", "m2kd-icarl-last"),
+    ("m2kd-icarl", "m2kd-icarl-noaux"),
     ("m2kd-icarl-last", "icarl"),
     ("m2kd-bce", "lwf"),
     ("m2kd-bce", "m2kd-bce-last"),
+    ("m2kd-bce", "m2kd-bce-noaux"),
 ]
 """(method, baseline) pairs whose per-seed differences the report shows when both ran."""
 PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")

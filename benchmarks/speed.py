@@ -32,6 +32,8 @@ MODES = {
     "m2kd-loop-plain": "M2KD as m2kd-loop, teachers run as stored (teacher_inference='plain')",
     "m2kd-bf16-teachers": "M2KD, exact, loop, teachers in bf16 (student in fp32), random crop + flip",
     "m2kd-bf16-teachers-plain": "M2KD as m2kd-bf16-teachers, teachers run as stored (teacher_inference='plain')",
+    "m2kd-bf16-teachers-compiled": "M2KD as m2kd-bf16-teachers, teachers through torch.compile (teacher_inference='compiled')",
+    "m2kd-loop-compiled": "M2KD as m2kd-loop, teachers through torch.compile (teacher_inference='compiled')",
     "naive-bf16": "Naive with bf16 forward passes (MixedPrecisionPlugin), random crop + flip",
     "m2kd-bf16": "M2KD, exact, loop, student and teachers in bf16, random crop + flip",
     "m2kd-batched": "M2KD, exact, batched teachers (vmap), random crop + flip",
@@ -92,9 +94,11 @@ def worker(spec: dict) -> dict:
                        alpha=1.0, temperature=2.0, **common)
     elif mode.startswith("m2kd"):
         kw = dict(aux_layers=aux, teacher_cache="off")
-        kind = mode.removesuffix("-plain")
-        if kind != mode:
-            kw["teacher_inference"] = "plain"
+        for inference in ("plain", "compiled"):
+            kind = mode.removesuffix(f"-{inference}")
+            if kind != mode:
+                kw["teacher_inference"] = inference
+                break
         if kind == "m2kd-batched":
             kw["batched_teachers"] = True
         elif kind in ("m2kd-bf16-teachers", "m2kd-bf16"):

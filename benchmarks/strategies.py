@@ -31,11 +31,13 @@ class Setup:
     last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
 
 
-SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-bce", "m2kd-bce-last"}
+SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-bce", "m2kd-bce-last", "m2kd-bce-noaux"}
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 
 
-NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last"}
+ABLATIONS = {"m2kd-icarl-noaux", "m2kd-bce-noaux"}
+"""Strategies run only when named in ``--strategies`` (not in the default set)."""
+NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux"}
 """Strategies that classify by the nearest mean of exemplars: checked before any training."""
 
 
@@ -208,8 +210,10 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd-noaux": _m2kd(aux_layers=()),
     "m2kd-icarl": _m2kd(loss="bce", classifier="nme"),
     "m2kd-icarl-last": _m2kd(loss="bce", classifier="nme", teachers="last"),
+    "m2kd-icarl-noaux": _m2kd(loss="bce", classifier="nme", aux_layers=()),
     "m2kd-bce": _m2kd(loss="bce"),
     "m2kd-bce-last": _m2kd(loss="bce", teachers="last"),
+    "m2kd-bce-noaux": _m2kd(loss="bce", aux_layers=()),
     "ed": build_ed,
 }
 """Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
@@ -228,8 +232,10 @@ DESCRIPTIONS = {
     "m2kd-noaux": "M2KD without auxiliary heads",
     "m2kd-icarl": "M2KD in iCaRL's form: iCaRL's classifier and sigmoid loss, herding, nearest-mean classifier",
     "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
+    "m2kd-icarl-noaux": "m2kd-icarl without auxiliary heads (ablation)",
     "m2kd-bce": "M2KD's sigmoid form with the trained head (no nearest-mean classifier; for --mem-size 0)",
     "m2kd-bce-last": "the same with the last snapshot only",
+    "m2kd-bce-noaux": "m2kd-bce without auxiliary heads (ablation)",
     "ed": "Education Distillation: growing student, one teacher per experience",
 }
 

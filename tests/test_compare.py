@@ -157,3 +157,20 @@ def test_a_preset_keeps_its_model_and_schedule_when_only_the_data_source_changes
     assert config["model"] == "resnet32_icarl" and config["dataset"] == "npz:x.npz"
     args = compare.build_parser().parse_args(["--preset", "cifar100-b0-10-cpu", "--dataset", "npz:x.npz", "--model", "resnet32"])
     assert compare.resolve_config(args)["model"] == "resnet32"
+
+
+def test_ablation_strategies_run_only_when_named_and_drop_the_auxiliary_heads():
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from benchmarks.strategies import ABLATIONS, Setup, build_strategy
+
+    default = compare.resolve_config(compare.build_parser().parse_args([]))["strategies"]
+    assert "m2kd-icarl" in default and not ABLATIONS & set(default)
+    named = compare.resolve_config(compare.build_parser().parse_args(["--strategies", "m2kd-icarl-noaux,m2kd-bce-noaux"]))
+    config = dict(named, mem_size=20, device="cpu")
+    for name, full in (("m2kd-icarl-noaux", "m2kd-icarl"), ("m2kd-bce-noaux", "m2kd-bce")):
+        plugins = [
+            build_strategy(n, Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[]))).m2kd.config() for n in (name, full)
+        ]
+        assert list(plugins[0]["aux_layers"]) == [] and list(plugins[1]["aux_layers"]) == ["stage1", "stage2"]
+        assert {k: v for k, v in plugins[0].items() if k != "aux_layers"} == {k: v for k, v in plugins[1].items() if k != "aux_layers"}

@@ -1,13 +1,14 @@
 """Issue 14.5: teachers run as BatchNorm-folded, channels-last copies (the
 default ``inference="fused"``): the same outputs to float rounding, the
-teachers' own modules untouched, and ``"plain"`` bit for bit."""
+teachers' own modules untouched, and ``"plain"`` bit for bit; ``"compiled"``
+runs the fused copies through ``torch.compile`` (issue 14.4)."""
 
 import pytest
 import torch
 from torch import nn
 
 from avalanche_m2kd import GroupTeacher, TeacherSet
-from avalanche_m2kd.models import icarl_resnet32
+from avalanche_m2kd.models import digits_cnn, icarl_resnet32
 from avalanche_m2kd.taps import attach_auxiliary_heads
 from avalanche_m2kd.teachers import fold_batchnorm
 
@@ -98,7 +99,7 @@ def test_fused_teacher_set_matches_plain_on_logits_aux_logits_and_features():
 
 
 def test_unknown_inference_is_named():
-    with pytest.raises(ValueError, match="teacher_inference must be 'fused' or 'plain', got 'fast'"):
+    with pytest.raises(ValueError, match="teacher_inference must be one of 'fused', 'plain', 'compiled', got 'fast'"):
         TeacherSet([GroupTeacher(nn.Linear(2, 2), [0, 1])], inference="fast")
     from avalanche_m2kd import M2KDPlugin
 
@@ -115,3 +116,62 @@ def test_a_plugin_state_of_another_configuration_names_the_key_even_when_it_is_m
     del state["config"]["teacher_inference"]  # a state saved before the option existed
     with pytest.raises(ValueError, match=r"'teacher_inference': \(None, 'fused'\)"):
         M2KDPlugin().load_state_dict(state)
+
+
+def test_compiled_teachers_match_fused_on_logits_aux_logits_and_features_without_recompiling():
+    import torch._dynamo
+
+    from avalanche_m2kd import M2KDPlugin
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 8, 8)
+    layers = ["stage1", "stage2"]
+    models = []
+    for _ in range(2):  # two snapshots: the same shapes, other weights
+        model = _trained_statistics(digits_cnn(num_classes=2), x)
+        attach_auxiliary_heads(model, layers, x[0])
+        models.append(model)
+    teachers = [GroupTeacher(models[0], [0]), GroupTeacher(models[1], [1])]  # the auxiliary heads start 2 wide
+    with_aux = dict(feature_layers=layers, aux_logits=True)
+    fused = TeacherSet(teachers, **with_aux).run_all(x)
+    compiled_set = TeacherSet(teachers, inference="compiled", **with_aux)
+    torch._dynamo.reset()
+    compiled = compiled_set.run_all(x)
+    for f, c in zip(fused, compiled):
+        for a, b in zip([f.logits, *f.aux_logits], [c.logits, *c.aux_logits]):
+            assert (a - b).abs().max() <= FOLD_RELATIVE_TOLERANCE * a.abs().max()
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_set.run_all(x)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == frames  # the second batch reuses it
+    features = TeacherSet(teachers, feature_layers=["stage2"], inference="compiled").run_all(x)[0].features[0]
+    plain_features = TeacherSet(teachers, feature_layers=["stage2"], inference="plain").run_all(x)[0].features[0]
+    assert (features - plain_features).abs().max() <= FOLD_RELATIVE_TOLERANCE * plain_features.abs().max()
+    plugin = M2KDPlugin(aux_layers=layers, teacher_inference="compiled")
+    assert plugin.config()["teacher_inference"] == "compiled"
+
+
+def test_compiled_teachers_name_the_fix_when_the_compiler_fails(monkeypatch):
+    import torch._dynamo.exc
+
+    from avalanche_m2kd import teachers as teachers_module
+
+    def failing_compile(module):
+        def run(x):
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+
+        return run
+
+    monkeypatch.setattr(teachers_module.torch, "compile", failing_compile)
+    teacher_set = TeacherSet([GroupTeacher(nn.Linear(2, 2), [0, 1])], inference="compiled")
+    with pytest.raises(RuntimeError, match="install a C\\+\\+ compiler .* or use teacher_inference='fused'"):
+        teacher_set.run_all(torch.randn(3, 2))
+
+
+def test_compiled_and_batched_teachers_are_refused_up_front():
+    from avalanche_m2kd import M2KDPlugin
+
+    pair = [GroupTeacher(nn.Linear(2, 2), [0]), GroupTeacher(nn.Linear(2, 2), [1])]
+    with pytest.raises(ValueError, match="batched teachers .* not compiled"):
+        TeacherSet(pair, batched=True, inference="compiled")
+    with pytest.raises(ValueError, match="M2KDPlugin: batched_teachers .* use teacher_inference='fused'"):
+        M2KDPlugin(batched_teachers=True, teacher_inference="compiled")

@@ -104,7 +104,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             precision of the teachers' forward passes while the student learns.
         teacher_inference: ``"fused"`` (default [ours]: BatchNorm folded into
             the convolutions, channels-last images, outputs equal to float
-            rounding) or ``"plain"``, as in :class:`~avalanche_m2kd.teachers.TeacherSet`.
+            rounding), ``"plain"`` or ``"compiled"``, as in
+            :class:`~avalanche_m2kd.teachers.TeacherSet`.
         alpha: weight of the cross-entropy. Default 0.3 [code]; 1 is plain
             cross-entropy (teachers are then neither trained nor run).
         temperature: default 4 [code].

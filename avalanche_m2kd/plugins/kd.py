@@ -59,7 +59,7 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         distillation: per-sample loss, ``"hinton"`` (default) or another name in
             :data:`avalanche_m2kd.losses.SAMPLE_DISTILLATIONS`, or a callable.
         teacher_precision: precision of the teachers' forward passes (default fp32).
-        teacher_inference: ``"fused"`` (default) or ``"plain"``, as in
+        teacher_inference: ``"fused"`` (default), ``"plain"`` or ``"compiled"``, as in
             :class:`~avalanche_m2kd.teachers.TeacherSet`.
     """
 

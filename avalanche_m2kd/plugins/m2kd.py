@@ -160,8 +160,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         teacher_inference: ``"fused"`` (default [ours]) runs each snapshot with
             its BatchNorm folded into the convolutions and channels-last images,
             about 1.2x faster on CPUs (README speed table), equal to float rounding; ``"plain"``
-            runs the snapshots as stored, bit for bit (see
-            :class:`~avalanche_m2kd.teachers.TeacherSet`).
+            runs the snapshots as stored, bit for bit; ``"compiled"`` runs the
+            fused copies through ``torch.compile``, faster again after a first
+            batch that waits for the compiler (see
+            :class:`~avalanche_m2kd.teachers.TeacherSet`; not with ``batched_teachers``).
         check_batches: check every batch (finite inputs, labels inside the
             head, finite loss terms) at once, instead of the first batch of each
             experience only. Default False [ours]: each check reads values back
@@ -199,6 +201,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         check_cache_mode("M2KDPlugin", teacher_cache)
         check_precision(teacher_precision, "M2KDPlugin")
         check_inference(teacher_inference, "M2KDPlugin")
+        if batched_teachers and teacher_inference == "compiled":
+            raise ValueError("M2KDPlugin: batched_teachers runs a vmap that is not compiled; use teacher_inference='fused' with it")
         try:
             self.objective = M2KDLoss(loss, temperature, mm_weight, aux_weight, aux_ce_weight, aux, feature_distance)
         except ValueError as err:  # the loss object validates the arguments it holds
