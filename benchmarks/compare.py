@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class")
     p.add_argument("--m2kd-store", choices=["full", "packnet", "sparse"], help="snapshot store of the m2kd strategies")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and teachers (fp16: CUDA only)")
+    p.add_argument("--teacher-inference", choices=["fused", "plain", "compiled"],
+                   help="how M2KD's and ED's teachers run (default fused; compiled: torch.compile, faster after a first wait)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--device-data", action="store_true",
                    help="hold each experience's training set on the device and augment whole batches there")
@@ -133,6 +135,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
     config["download"] = bool(args.download)
     if args.device_data:  # absent unless asked: folders written before the option stay resumable
         config["device_data"] = True
+    if args.teacher_inference:  # the same
+        config["teacher_inference"] = args.teacher_inference
     if args.lr is not None:
         config["lr"] = args.lr
         config["lr_sigmoid"] = None
@@ -555,7 +559,8 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     title = f"{config['dataset']}, {config['n_experiences']} experiences, preset {config['preset']}"
     notes = [
         f"model {config['model']}, {config['epochs']} epochs, batch {config['batch_size']}, "
-        f"{config['optimizer']} lr {config['lr']}" + (f" (sigmoid-loss methods {config['lr_sigmoid']})" if config.get("lr_sigmoid") else ""),
+        f"{config['optimizer']} lr {config['lr']}" + (f" (sigmoid-loss methods {config['lr_sigmoid']})" if config.get("lr_sigmoid") else "")
+        + f", {config['precision']}" + (f", teachers {config['teacher_inference']}" if config.get("teacher_inference") else ""),
         f"memory {config['mem_size']} exemplars for every strategy that keeps one; class order {config['class_order']}; "
         f"seeds {', '.join(map(str, config['seeds']))}",
         f"command: `{' '.join(document['command'])}`",

@@ -163,6 +163,8 @@ def _m2kd(**overrides):
         )
         if setup.config.get("m2kd_store"):
             kwargs["snapshot_store"] = setup.config["m2kd_store"]
+        if setup.config.get("teacher_inference"):
+            kwargs["teacher_inference"] = setup.config["teacher_inference"]
         kwargs.update(setup.config.get("m2kd") or {})
         kwargs.update(overrides)
         if kwargs.get("classifier") == "nme" and setup.config["mem_size"] <= 0:
@@ -188,6 +190,8 @@ def build_ed(name: str, setup: Setup):
     student = models.ed_student_for(c["model"], channels, side)
     optimizer = make_optimizer(student.parameters(), name, c)
     kwargs = dict(revisit=c["mem_size"], teacher_precision=c.get("precision", "fp32"))
+    if c.get("teacher_inference"):
+        kwargs["teacher_inference"] = c["teacher_inference"]
     kwargs.update(c.get("ed") or {})
     return EducationDistillation(
         model=student,

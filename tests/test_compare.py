@@ -174,3 +174,23 @@ def test_ablation_strategies_run_only_when_named_and_drop_the_auxiliary_heads():
         ]
         assert list(plugins[0]["aux_layers"]) == [] and list(plugins[1]["aux_layers"]) == ["stage1", "stage2"]
         assert {k: v for k, v in plugins[0].items() if k != "aux_layers"} == {k: v for k, v in plugins[1].items() if k != "aux_layers"}
+
+
+def test_teacher_inference_reaches_the_m2kd_and_ed_teachers_only_when_given():
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from benchmarks.strategies import Setup, build_strategy
+
+    def plugins(*argv):
+        config = dict(compare.resolve_config(compare.build_parser().parse_args(["--strategies", "m2kd,ed", *argv])), device="cpu")
+        setup = Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[]))
+        return config, build_strategy("m2kd", setup).m2kd, build_strategy("ed", setup).ed
+
+    config, m2kd, ed = plugins("--teacher-inference", "compiled")
+    assert config["teacher_inference"] == "compiled"
+    assert m2kd.teacher_inference == "compiled" and ed.teacher_inference == "compiled"
+    config, m2kd, ed = plugins()
+    assert "teacher_inference" not in config  # folders written before the option stay resumable
+    assert m2kd.teacher_inference == "fused" and ed.teacher_inference == "fused"
+    with pytest.raises(compare.UsageError, match="--teacher-inference: invalid choice: 'fast'"):
+        compare.build_parser().parse_args(["--teacher-inference", "fast"])
