@@ -218,10 +218,27 @@ class SnapshotStore:
     def _decode(self, k: int) -> StateDict:
         return self._snapshots[k]
 
-    def snapshot_state(self, k: int) -> StateDict:
-        """The full ``state_dict`` of snapshot ``k`` as the teacher sees it."""
+    def release(self, k: int) -> None:
+        """Free what snapshot ``k`` holds of its own; its index stays, and it can
+        no longer be rebuilt (M2KD's ``teachers="last"`` needs the newest only).
+        PackNet's shared weights stay: later snapshots own them too."""
+        self._check_index(k)
+        self._snapshots[k] = {}
+        self._full_bytes[k] = 0
+
+    def released(self, k: int) -> bool:
+        """Whether snapshot ``k`` was released."""
+        self._check_index(k)
+        return not self._snapshots[k]
+
+    def _check_index(self, k: int) -> None:
         if not 0 <= k < len(self):
             raise IndexError(f"snapshot {k} does not exist; the store holds {len(self)}")
+
+    def snapshot_state(self, k: int) -> StateDict:
+        """The full ``state_dict`` of snapshot ``k`` as the teacher sees it."""
+        if self.released(k):
+            raise ValueError(f"snapshot {k} was released (M2KD with teachers='last' keeps only the newest snapshot)")
         return self._decode(k)
 
     def teacher(self, k: int, device: Optional[torch.device | str] = None) -> nn.Module:
@@ -239,7 +256,7 @@ class SnapshotStore:
         return sum(state_nbytes(s) for s in self._snapshots)
 
     def full_copy_nbytes(self) -> int:
-        """Bytes that full ``state_dict`` copies of the same snapshots would take."""
+        """Bytes that full ``state_dict`` copies of the snapshots held would take."""
         return sum(self._full_bytes)
 
     # -- persistence ------------------------------------------------------------

@@ -163,3 +163,49 @@ def test_store_state_dict_round_trip_and_kind_check():
         make_snapshot_store("zip")
     with pytest.raises(IndexError):
         store.teacher(10)
+
+
+@pytest.mark.parametrize("kind", ["full", "sparse", "packnet"])
+def test_a_released_snapshot_frees_its_tensors_and_cannot_teach(kind):
+    model, store = _ten_snapshots(kind, 0.75)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = store.teacher(9)(x)
+    held, one = store.nbytes(), store.nbytes() - sum(
+        t.numel() * t.element_size() for k in range(9) for t in store._snapshots[k].values()
+    )
+    for k in range(9):
+        store.release(k)
+    assert store.nbytes() == one < held
+    assert len(store) == 10 and store.released(3) and not store.released(9)
+    with pytest.raises(ValueError, match="snapshot 3 was released"):
+        store.teacher(3)
+    clone = make_snapshot_store(kind, prune_ratio=0.75)
+    clone.load_state_dict(copy.deepcopy(store.state_dict()))
+    clone.bind(model)
+    with torch.no_grad():
+        assert torch.equal(store.teacher(9)(x), want) and torch.equal(clone.teacher(9)(x), want)
+    assert clone.released(3)
+    with pytest.raises(IndexError):
+        store.release(10)
+
+
+def test_m2kd_with_the_last_teacher_holds_one_snapshot():
+    from avalanche_m2kd import M2KD
+
+    from helpers import synthetic_stream
+
+    bm = synthetic_stream(3)
+    stores = {}
+    for teachers in ("all", "last"):
+        seed_everything(0)
+        model = digits_cnn()
+        strategy = M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
+                        evaluator=quiet_evaluator(), teachers=teachers)
+        for exp in bm.train_stream:
+            strategy.train(exp)
+        stores[teachers] = strategy.m2kd.snapshots
+    all_, last = stores["all"], stores["last"]
+    assert len(last) == 3 and [last.released(k) for k in range(3)] == [True, True, False]
+    newest = sum(t.numel() * t.element_size() for t in last.snapshot_state(2).values())
+    assert last.nbytes() == newest and all_.nbytes() > 2 * newest

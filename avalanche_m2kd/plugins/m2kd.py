@@ -95,7 +95,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             ``loss="bce"``.
         teachers: ``"all"`` = M2KD (every snapshot teaches its own group);
             ``"last"`` = the single-teacher ablation (the last snapshot teaches
-            all old classes, as LwF). Default ``"all"`` [paper].
+            all old classes, as LwF; the store then releases each older
+            snapshot, so it holds one). Default ``"all"`` [paper].
         aux_layers: dotted module names to tap (e.g. ``("stage1", "stage2")``).
             Empty (default) disables multi-level distillation.
         aux: ``"logits"`` (auxiliary heads, default [ours]) or ``"features"``
@@ -515,7 +516,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self.snapshots.prune(model)
         if isinstance(self.snapshots, PackNetSnapshotStore) and self.post_prune_epochs > 0:
             self._finetune_after_pruning(strategy)
-        self.snapshots.add(model)
+        newest = self.snapshots.add(model)
+        if self.teachers == "last":  # the older snapshots never teach again
+            for k in range(newest):
+                if not self.snapshots.released(k):
+                    self.snapshots.release(k)
         self.groups.append(list(self.current_classes))
         self.current_classes = []
         self._teacher_set = None
