@@ -362,6 +362,52 @@ def group_sigmoid_targets(
     return out
 
 
+def route_unseen_rows(
+    outputs: Sequence[TeacherOutput],
+    groups: Sequence[Group],
+    newest: TeacherOutput,
+    targets: Tensor,
+) -> List[TeacherOutput]:
+    """Group teachers' outputs with the rows their snapshot cannot judge taken
+    from the newest snapshot (M2KD's ``old_targets="informed"`` [ours]).
+
+    ``outputs[k]`` is snapshot ``k``'s output for its own group ``groups[k]``.
+    That snapshot saw the classes of groups ``0..k`` only; on a sample of any
+    other class (a later group's, or a class being learned now) its view of
+    group ``k`` comes from a network that never saw that class as a negative.
+    Those rows are replaced by ``newest``'s, whose columns are the classes of
+    ``groups`` in order (logits and auxiliary logits; feature maps whole).
+    Groups must be in training order (the snapshot of group ``k`` has seen
+    groups ``0..k``).
+    """
+    width = sum(len(g) for g in groups)
+    if newest.logits.shape[1] != width:
+        raise ValueError(
+            f"route_unseen_rows: the newest snapshot's output has {newest.logits.shape[1]} columns, "
+            f"the groups hold {width} classes"
+        )
+    routed: List[TeacherOutput] = []
+    seen: List[int] = []
+    offset = 0
+    for out, group in zip(outputs, groups):
+        seen += [int(c) for c in group]
+        knows = torch.isin(targets, _as_index(seen, targets.device))  # on the device: no host read
+
+        def pick(own: Tensor, other: Tensor) -> Tensor:
+            return torch.where(knows.view(-1, *[1] * (own.dim() - 1)), own, other)
+
+        columns = slice(offset, offset + len(group))
+        routed.append(
+            TeacherOutput(
+                pick(out.logits, newest.logits[:, columns]),
+                [pick(a, b[:, columns]) for a, b in zip(out.aux_logits, newest.aux_logits)],
+                [pick(f, g) for f, g in zip(out.features, newest.features)],
+            )
+        )
+        offset += len(group)
+    return routed
+
+
 def sigmoid_distillation_loss(
     student_logits: Tensor,
     targets: Tensor,
@@ -555,6 +601,7 @@ __all__ = [
     "SAMPLE_DISTILLATIONS",
     "SampleDistillation",
     "kl_distillation",
+    "route_unseen_rows",
     "sigmoid_distillation_loss",
     "soft_cross_entropy",
 ]

@@ -86,10 +86,14 @@ CLAIMS = [
     ("m2kd-icarl", "icarl"),
     ("m2kd-icarl", "m2kd-icarl-last"),
     ("m2kd-icarl", "m2kd-icarl-noaux"),
+    ("m2kd-icarl-informed", "m2kd-icarl"),
+    ("m2kd-icarl-informed", "m2kd-icarl-last"),
     ("m2kd-icarl-last", "icarl"),
     ("m2kd-bce", "lwf"),
     ("m2kd-bce", "m2kd-bce-last"),
     ("m2kd-bce", "m2kd-bce-noaux"),
+    ("m2kd-bce-informed", "m2kd-bce"),
+    ("m2kd-bce-informed", "m2kd-bce-last"),
 ]
 """(method, baseline) pairs whose per-seed differences the report shows when both ran."""
 PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")

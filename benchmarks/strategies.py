@@ -31,13 +31,16 @@ class Setup:
     last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
 
 
-SIGMOID_LOSS = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-bce", "m2kd-bce-last", "m2kd-bce-noaux"}
+SIGMOID_LOSS = {
+    "icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-icarl-informed",
+    "m2kd-bce", "m2kd-bce-last", "m2kd-bce-noaux", "m2kd-bce-informed",
+}
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 
 
-ABLATIONS = {"m2kd-icarl-noaux", "m2kd-bce-noaux"}
+ABLATIONS = {"m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed"}
 """Strategies run only when named in ``--strategies`` (not in the default set)."""
-NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux"}
+NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-icarl-informed"}
 """Strategies that classify by the nearest mean of exemplars: checked before any training."""
 
 
@@ -215,9 +218,11 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd-icarl": _m2kd(loss="bce", classifier="nme"),
     "m2kd-icarl-last": _m2kd(loss="bce", classifier="nme", teachers="last"),
     "m2kd-icarl-noaux": _m2kd(loss="bce", classifier="nme", aux_layers=()),
+    "m2kd-icarl-informed": _m2kd(loss="bce", classifier="nme", old_targets="informed"),
     "m2kd-bce": _m2kd(loss="bce"),
     "m2kd-bce-last": _m2kd(loss="bce", teachers="last"),
     "m2kd-bce-noaux": _m2kd(loss="bce", aux_layers=()),
+    "m2kd-bce-informed": _m2kd(loss="bce", old_targets="informed"),
     "ed": build_ed,
 }
 """Strategies by name. ``naive`` and ``lwf`` are Avalanche's, with Avalanche's
@@ -237,9 +242,11 @@ DESCRIPTIONS = {
     "m2kd-icarl": "M2KD in iCaRL's form: iCaRL's classifier and sigmoid loss, herding, nearest-mean classifier",
     "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
     "m2kd-icarl-noaux": "m2kd-icarl without auxiliary heads (ablation)",
+    "m2kd-icarl-informed": "m2kd-icarl, each snapshot judging only samples of classes it saw (old_targets='informed'; ablation)",
     "m2kd-bce": "M2KD's sigmoid form with the trained head (no nearest-mean classifier; for --mem-size 0)",
     "m2kd-bce-last": "the same with the last snapshot only",
     "m2kd-bce-noaux": "m2kd-bce without auxiliary heads (ablation)",
+    "m2kd-bce-informed": "m2kd-bce with old_targets='informed' (ablation)",
     "ed": "Education Distillation: growing student, one teacher per experience",
 }
 

@@ -159,21 +159,24 @@ def test_a_preset_keeps_its_model_and_schedule_when_only_the_data_source_changes
     assert compare.resolve_config(args)["model"] == "resnet32"
 
 
-def test_ablation_strategies_run_only_when_named_and_drop_the_auxiliary_heads():
+def test_ablation_strategies_run_only_when_named_and_change_one_option():
     from avalanche.training.plugins import EvaluationPlugin
 
     from benchmarks.strategies import ABLATIONS, Setup, build_strategy
 
     default = compare.resolve_config(compare.build_parser().parse_args([]))["strategies"]
     assert "m2kd-icarl" in default and not ABLATIONS & set(default)
-    named = compare.resolve_config(compare.build_parser().parse_args(["--strategies", "m2kd-icarl-noaux,m2kd-bce-noaux"]))
+    named = compare.resolve_config(compare.build_parser().parse_args(["--strategies", ",".join(sorted(ABLATIONS))]))
     config = dict(named, mem_size=20, device="cpu")
-    for name, full in (("m2kd-icarl-noaux", "m2kd-icarl"), ("m2kd-bce-noaux", "m2kd-bce")):
+    changed = {"m2kd-icarl-noaux": ("m2kd-icarl", "aux_layers", []), "m2kd-bce-noaux": ("m2kd-bce", "aux_layers", []),
+               "m2kd-icarl-informed": ("m2kd-icarl", "old_targets", "informed"), "m2kd-bce-informed": ("m2kd-bce", "old_targets", "informed")}
+    assert set(changed) == ABLATIONS
+    for name, (full, key, value) in changed.items():
         plugins = [
             build_strategy(n, Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[]))).m2kd.config() for n in (name, full)
         ]
-        assert list(plugins[0]["aux_layers"]) == [] and list(plugins[1]["aux_layers"]) == ["stage1", "stage2"]
-        assert {k: v for k, v in plugins[0].items() if k != "aux_layers"} == {k: v for k, v in plugins[1].items() if k != "aux_layers"}
+        assert plugins[0][key] == value and plugins[1][key] != value
+        assert {k: v for k, v in plugins[0].items() if k != key} == {k: v for k, v in plugins[1].items() if k != key}
 
 
 def test_teacher_inference_reaches_the_m2kd_and_ed_teachers_only_when_given():

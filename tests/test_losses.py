@@ -16,7 +16,9 @@ from avalanche_m2kd.losses import (
     feature_distance,
     group_sigmoid_targets,
     group_weights,
+    TeacherOutput,
     kl_distillation,
+    route_unseen_rows,
     sigmoid_distillation_loss,
     soft_cross_entropy,
 )
@@ -244,3 +246,26 @@ def test_labels_outside_the_classes_fail_without_a_device_read():
         cross_entropy_over(logits, torch.tensor([3, 5, 4]), [3, 5])
     with pytest.raises(RuntimeError, match="a label is not among the classes"):
         cross_entropy_over(logits, torch.tensor([3, -2, 5]), [3, 5])
+
+
+def test_route_unseen_rows_gives_each_snapshot_only_the_samples_of_classes_it_saw():
+    groups = [[5, 1], [3], [0]]  # training order: snapshot 0 saw {5, 1}, snapshot 1 also {3}, snapshot 2 also {0}
+    y = torch.tensor([1, 3, 0, 7])  # a sample of each group, then a class being learned now
+    own = [
+        TeacherOutput(torch.tensor([[10.0, 11], [12, 13], [14, 15], [16, 17]]), [torch.full((4, 2), 1.0)], [torch.full((4, 2, 2), 1.0)]),
+        TeacherOutput(torch.tensor([[20.0], [21], [22], [23]]), [torch.full((4, 1), 2.0)], [torch.full((4, 2, 2), 2.0)]),
+        TeacherOutput(torch.tensor([[30.0], [31], [32], [33]]), [torch.full((4, 1), 3.0)], [torch.full((4, 2, 2), 3.0)]),
+    ]
+    newest_logits = -torch.arange(16.0).view(4, 4)  # columns: classes 5, 1, 3, 0
+    newest = TeacherOutput(newest_logits, [-torch.ones(4, 4)], [-torch.ones(4, 2, 2)])
+    routed = route_unseen_rows(own, groups, newest, y)
+    # group [5, 1]: only the sample of class 1 is snapshot 0's; the others are the newest's columns 0:2
+    assert torch.equal(routed[0].logits, torch.tensor([[10.0, 11], [-4, -5], [-8, -9], [-12, -13]]))
+    # group [3]: snapshot 1 saw classes 5, 1, 3 (rows 0, 1); rows 2, 3 from the newest's column 2
+    assert torch.equal(routed[1].logits, torch.tensor([[20.0], [21], [-10], [-14]]))
+    # group [0]: snapshot 2 saw every old class; only the new class's row comes from the newest
+    assert torch.equal(routed[2].logits, torch.tensor([[30.0], [31], [32], [-15]]))
+    assert torch.equal(routed[0].aux_logits[0][:, 0], torch.tensor([1.0, -1, -1, -1]))
+    assert torch.equal(routed[1].features[0][:, 0, 0], torch.tensor([2.0, 2, -1, -1]))
+    with pytest.raises(ValueError, match="4 columns, the groups hold 3 classes"):
+        route_unseen_rows(own[:2], groups[:2], newest, y)

@@ -144,3 +144,37 @@ def test_all_and_last_differ_with_two_snapshots_and_each_equals_its_definition()
     assert got_all == pytest.approx(want_all.item(), rel=1e-5, abs=1e-9)
     assert got_last == pytest.approx(want_last.item(), rel=1e-5, abs=1e-9)
     assert abs(got_all - got_last) > 1e-4
+
+
+def test_informed_old_targets_route_the_samples_a_snapshot_never_saw_to_the_newest():
+    """old_targets="informed": snapshot 0 judges its classes only on samples of
+    classes it saw; on the others the newest snapshot's columns stand in. The
+    plugin's classification term equals M2KDLoss on the rows routed by hand."""
+    strategy, model, _, _ = trained_two_experiences(aux_layers=(), teacher_inference="plain", loss="bce", old_targets="informed")
+    plugin = strategy.m2kd
+    bm = synthetic_stream(3)
+    samples = [bm.train_stream[e].dataset[i] for e in range(3) for i in range(4)]  # old classes' samples and new ones
+    x = torch.stack([s[0] for s in samples])
+    y = torch.tensor([int(s[1]) for s in samples])
+    current = sorted({int(c) for c in bm.train_stream[2].classes_in_this_experience})
+    model.eval()
+    got = plugin.compute_losses(model, x, y, current_classes=current)["classification"].item()
+    (g0, g1), seen = plugin.groups, sorted(plugin.groups[0] + plugin.groups[1] + current)
+    with torch.no_grad():
+        logits = model(x)
+        t0, t1 = plugin.snapshots.teacher(0)(x), plugin.snapshots.teacher(1)(x)
+    knows = torch.isin(y, torch.tensor(g0)).unsqueeze(1)
+    routed = [TeacherOutput(torch.where(knows, t0[:, g0], t1[:, g0])), TeacherOutput(t1[:, g1])]
+    objective, n = M2KDLoss(form="bce"), plugin._n_outputs()
+    want = objective.terms(logits, y, seen, routed, [g0, g1], n_outputs=n)["classification"].item()
+    owner = objective.terms(logits, y, seen, [TeacherOutput(t0[:, g0]), TeacherOutput(t1[:, g1])], [g0, g1], n_outputs=n)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-9)
+    assert abs(got - owner["classification"].item()) > 1e-5  # it does change the targets
+    assert not knows.all() and knows.any()
+
+
+def test_informed_old_targets_are_refused_with_sampled_teachers():
+    with pytest.raises(ValueError, match="old_targets='informed' needs every snapshot"):
+        M2KDPlugin(old_targets="informed", teachers_per_batch=1)
+    with pytest.raises(ValueError, match="old_targets must be 'owner' or 'informed'"):
+        M2KDPlugin(old_targets="newest")

@@ -164,3 +164,19 @@ def test_random_exemplar_selection_fills_a_class_balanced_memory():
         strategy.train(exp)
     groups = strategy.replay.storage_policy.buffer_groups
     assert sorted(groups) == list(range(6)) and [len(g.buffer) for g in groups.values()] == [2] * 6
+
+
+def test_informed_old_targets_train_through_the_strategy_with_auxiliary_heads():
+    torch.manual_seed(0)
+    bm = synthetic_stream(3)
+    model = models.digits_cnn()
+    strategy = M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), train_mb_size=8,
+                    evaluator=quiet_evaluator(), loss="bce", aux_layers=("stage1", "stage2"), old_targets="informed")
+    for k, exp in enumerate(bm.train_stream):
+        strategy.train(exp)
+        newest = strategy.m2kd._build_newest("cpu")
+        assert (newest is None) == (k < 1)  # routing needs two snapshots
+    assert newest.groups == [[c for g in strategy.m2kd.groups for c in g]]  # the newest snapshot over every old class
+    assert set(strategy.m2kd.last_terms) == {"classification", "aux_bce"}
+    assert all(torch.isfinite(v) for v in strategy.m2kd.last_terms.values())
+    assert strategy.m2kd.config()["old_targets"] == "informed"

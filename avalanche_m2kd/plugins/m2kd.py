@@ -3,6 +3,7 @@ previous snapshot (Zhou et al., BMVC 2020)."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Sequence
 
@@ -24,7 +25,7 @@ from .._experience import (
     stream_class_count,
 )
 from ..distributed import average_batchnorm_statistics
-from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights
+from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights, route_unseen_rows
 from ..precision import Precision, check_precision, scaler_skips_non_finite
 from ..snapshots import PackNetSnapshotStore, StoreKind, make_snapshot_store
 from ..taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads, resolve_modules
@@ -97,6 +98,16 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             ``"last"`` = the single-teacher ablation (the last snapshot teaches
             all old classes, as LwF; the store then releases each older
             snapshot, so it holds one). Default ``"all"`` [paper].
+        old_targets: which snapshot judges group ``C_k`` on a sample. ``"owner"``
+            (default [paper, as we read it]): snapshot ``k``, on every sample.
+            ``"informed"`` [ours]: snapshot ``k`` on samples of the classes it
+            saw (groups ``1..k``), the newest snapshot on the others (later
+            groups' exemplars and the current classes), because snapshot ``k``
+            never saw those as negatives (see
+            :func:`~avalanche_m2kd.losses.route_unseen_rows`). It runs the
+            newest snapshot once more per batch over all old classes, uncached.
+            Only with ``teachers="all"`` (with ``"last"`` the two agree) and
+            without ``teachers_per_batch``.
         aux_layers: dotted module names to tap (e.g. ``("stage1", "stage2")``).
             Empty (default) disables multi-level distillation.
         aux: ``"logits"`` (auxiliary heads, default [ours]) or ``"features"``
@@ -180,6 +191,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         aux_weight: float = 0.25,
         aux_ce_weight: float = 1.0,
         teachers: TeacherMode = "all",
+        old_targets: Literal["owner", "informed"] = "owner",
         aux_layers: Sequence[str] = (),
         aux: AuxMode = "logits",
         feature_distance: Literal["mse", "attention"] = "mse",
@@ -215,6 +227,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                 raise ValueError("M2KDPlugin: teachers_per_batch needs loss='kl' (with 'bce' teachers supply targets, not terms)")
         if teachers not in ("all", "last"):
             raise ValueError(f"M2KDPlugin: teachers must be 'all' or 'last', got {teachers!r}")
+        if old_targets not in ("owner", "informed"):
+            raise ValueError(f"M2KDPlugin: old_targets must be 'owner' or 'informed', got {old_targets!r}")
+        if old_targets == "informed" and teachers_per_batch is not None:
+            raise ValueError("M2KDPlugin: old_targets='informed' needs every snapshot each batch; leave teachers_per_batch unset")
         if isinstance(aux_layers, str):
             aux_layers = (aux_layers,)
         if post_prune_epochs < 0:
@@ -224,6 +240,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if bce_classes is not None and bce_classes < 1:
             raise ValueError(f"M2KDPlugin: bce_classes must be >= 1, got {bce_classes}")
         self.teachers = teachers
+        self.old_targets = old_targets
         self.aux_layers = list(aux_layers)
         self.post_prune_epochs = int(post_prune_epochs)
         self.post_prune_lr = post_prune_lr
@@ -245,6 +262,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         """Unweighted loss terms of the last training iteration (detached)."""
         self._stream_classes: Optional[int] = None
         self._teacher_set: Optional[TeacherSet] = None
+        self._newest_set: Optional[TeacherSet] = None  # old_targets="informed": the newest snapshot over all old classes
         self._taps: Optional[FeatureTaps] = None
         self._taps_model: Optional[nn.Module] = None
         self._batch: Optional[_Batch] = None
@@ -294,6 +312,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "aux_weight": o.aux_weight,
             "aux_ce_weight": o.aux_ce_weight,
             "teachers": self.teachers,
+            "old_targets": self.old_targets,
             "aux_layers": list(self.aux_layers),
             "aux": o.aux,
             "feature_distance": o.feature_distance,
@@ -352,23 +371,41 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             return None
         indices = list(range(n)) if self.teachers == "all" else [n - 1]
         modules = [self.snapshots.teacher(k, device) for k in indices]
+        return self._teacher_set_of(
+            [GroupTeacher(m, g) for m, g in zip(modules, self.teacher_groups())], device, cache, self.batched_teachers
+        )
+
+    def _teacher_set_of(self, teachers: List[GroupTeacher], device, cache: bool = False, batched: bool = False) -> TeacherSet:
         return TeacherSet(
-            [GroupTeacher(m, g) for m, g in zip(modules, self.teacher_groups())],
+            teachers,
             feature_layers=self.aux_layers,
             aux_logits=self.uses_aux_heads,
-            batched=self.batched_teachers,
+            batched=batched,
             cache=cache,
             precision=self.teacher_precision,
             inference=self.teacher_inference,
         ).to(device)
 
-    def _run_teachers(self, teacher_set: Optional[TeacherSet], x: Tensor) -> tuple:
+    def _build_newest(self, device: torch.device | str) -> Optional[TeacherSet]:
+        """``old_targets="informed"``: the newest snapshot over every old class
+        (None when routing changes nothing: one snapshot, or ``teachers="last"``)."""
+        if self.old_targets != "informed" or self.teachers != "all" or len(self.snapshots) < 2:
+            return None
+        module = self.snapshots.teacher(len(self.snapshots) - 1, device)
+        return self._teacher_set_of([GroupTeacher(module, [c for g in self.groups for c in g])], device)
+
+    def _run_teachers(
+        self, teacher_set: Optional[TeacherSet], x: Tensor, y: Tensor, newest_set: Optional[TeacherSet] = None
+    ) -> tuple:
         """Outputs, groups and weights of the teachers this batch uses."""
         if teacher_set is None:
             return [], [], []
         groups = teacher_set.groups
         chosen, weights = draw_teachers(group_weights(groups), self.teachers_per_batch)
-        return teacher_set.run_all(x, chosen), [groups[j] for j in chosen], weights
+        outputs, chosen_groups = teacher_set.run_all(x, chosen), [groups[j] for j in chosen]
+        if newest_set is not None:
+            outputs = route_unseen_rows(outputs, chosen_groups, newest_set.run(0, x), y)
+        return outputs, chosen_groups, weights
 
     def _n_outputs(self) -> Optional[int]:
         if self.loss != "bce":
@@ -414,7 +451,9 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if current_classes is not None:
             self.current_classes = sorted(int(c) for c in current_classes)
         self.prepare_model(model, x[:1])
-        teacher_set = self._teacher_set if self._teacher_set is not None else self.build_teachers(x.device)
+        training = self._teacher_set is not None
+        teacher_set = self._teacher_set if training else self.build_teachers(x.device)
+        newest_set = self._newest_set if training else self._build_newest(x.device)
         taps = self._student_taps(model)
         if taps is None:
             logits, features = model(x), []
@@ -422,7 +461,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             with taps:
                 logits = model(x)
                 features = taps.features()
-        outputs, groups, weights = self._run_teachers(teacher_set, x)
+        outputs, groups, weights = self._run_teachers(teacher_set, x, y, newest_set)
         batch = _Batch(model, self.seen_classes(torch.unique(y).tolist()), outputs, groups, weights, features)
         terms = dict(self._terms(batch, logits, y))
         terms["total"] = self.objective.total(terms) if terms else logits.new_zeros(())
@@ -460,6 +499,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
         )
         self._teacher_set = self.build_teachers(strategy.device, cache=cache)
+        self._newest_set = self._build_newest(strategy.device)
         self._checked_this_experience = False
         self._nonfinite = {}
 
@@ -487,7 +527,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             self._checked_this_experience = True
         elif self.check_batches:
             check_batch("M2KDPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
-        outputs, groups, weights = self._run_teachers(self._teacher_set, strategy.mb_x)
+        outputs, groups, weights = self._run_teachers(self._teacher_set, strategy.mb_x, strategy.mb_y, self._newest_set)
         self._batch = _Batch(strategy.model, self.seen_classes(), outputs, groups, weights, features, checked=checked)
 
     def before_backward(self, strategy, **kwargs):
@@ -523,7 +563,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                     self.snapshots.release(k)
         self.groups.append(list(self.current_classes))
         self.current_classes = []
-        self._teacher_set = None
+        self._teacher_set = self._newest_set = None
         self._batch = None
 
     # -- internals ------------------------------------------------------------------------
@@ -564,17 +604,20 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned; the configuration must match."""
+        """Restore what :meth:`state_dict` returned; the configuration must match
+        (an option the saved state predates counts as saved at its default)."""
         if state.get("format") != "avalanche_m2kd.M2KDPlugin/1":
             raise ValueError("not an M2KDPlugin state (missing or unknown 'format')")
-        if state["config"] != self.config():
-            now = self.config()
-            diff = {k: (state["config"].get(k), now.get(k)) for k in {**state["config"], **now} if state["config"].get(k) != now.get(k)}
+        now = self.config()
+        defaults = {n: p.default for n, p in inspect.signature(type(self).__init__).parameters.items()}
+        saved = {**{k: v for k, v in now.items() if k in defaults and v == defaults[k]}, **state["config"]}
+        if saved != now:
+            diff = {k: (saved.get(k), now.get(k)) for k in {**saved, **now} if saved.get(k) != now.get(k)}
             raise ValueError(f"M2KDPlugin state was saved with another configuration (saved, current): {diff}")
         self.groups = [list(g) for g in state["groups"]]
         self._stream_classes = state.get("stream_classes")
         self.snapshots.load_state_dict(state["snapshots"])
-        self._teacher_set = None
+        self._teacher_set = self._newest_set = None
 
 
 __all__ = ["M2KDPlugin"]
