@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits, fmnist, cifar10, cifar100, npz:PATH or imagefolder:ROOT")
     p.add_argument("--data-root", help="folder holding the data set files")
     p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
-    p.add_argument("--strategies", help="comma-separated strategies (default: all but the ablations m2kd-*-noaux, m2kd-*-informed; see --list)")
+    p.add_argument("--strategies", help="comma-separated strategies (default: all but the ablations m2kd-*-noaux, m2kd-*-informed, m2kd-bce-icarlhead; see --list)")
     p.add_argument("--mem-size", type=int, help="exemplars kept in total, for every strategy that uses a memory")
     p.add_argument("--epochs", type=int, help="epochs per experience")
     p.add_argument("--n-experiences", type=int, help="number of experiences")

@@ -94,6 +94,7 @@ CLAIMS = [
     ("m2kd-bce", "m2kd-bce-noaux"),
     ("m2kd-bce-informed", "m2kd-bce"),
     ("m2kd-bce-informed", "m2kd-bce-last"),
+    ("m2kd-bce", "m2kd-bce-icarlhead"),
 ]
 """(method, baseline) pairs whose per-seed differences the report shows when both ran."""
 PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")
