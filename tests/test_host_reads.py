@@ -52,7 +52,14 @@ class CountIterations(SupervisedPlugin):
         self._first = False
 
 
-@pytest.mark.parametrize("kwargs", [dict(aux_layers=("stage1", "stage2")), dict(loss="bce", aux_layers=("stage2",))])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(aux_layers=("stage1", "stage2")),
+        dict(loss="bce", aux_layers=("stage2",)),
+        dict(loss="bce", aux_layers=("stage2",), old_targets="informed"),
+    ],
+)
 def test_an_m2kd_iteration_reads_nothing_back_from_the_device(kwargs):
     torch.manual_seed(0)
     bm = synthetic_stream(3)
