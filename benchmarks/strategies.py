@@ -31,17 +31,8 @@ class Setup:
     last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
 
 
-SIGMOID_LOSS = {
-    "icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-icarl-informed",
-    "m2kd-bce", "m2kd-bce-last", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead",
-}
-"""Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
-
-
 ABLATIONS = {"m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
 """Strategies run only when named in ``--strategies`` (not in the default set)."""
-NEEDS_MEMORY = {"icarl", "m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-icarl-informed"}
-"""Strategies that classify by the nearest mean of exemplars: checked before any training."""
 
 
 def learning_rate(name: str, config: dict) -> float:
@@ -181,6 +172,7 @@ def _m2kd(icarl_head: bool = False, **overrides):
             **_common(setup),
         )
 
+    build.options = overrides  # read by SIGMOID_LOSS and NEEDS_MEMORY below
     return build
 
 
@@ -231,6 +223,11 @@ STRATEGIES: Dict[str, Callable] = {
 in iCaRL's protocol) over the same class-balanced herding memory when
 ``mem_size > 0``; the M2KD strategies replay the same way; ``joint`` is Avalanche's ``Cumulative`` (all data seen so
 far, the upper bound at every step); ``icarl`` is Avalanche's ``ICaRL``."""
+
+SIGMOID_LOSS = {"icarl"} | {n for n, b in STRATEGIES.items() if getattr(b, "options", {}).get("loss") == "bce"}
+"""Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
+NEEDS_MEMORY = {"icarl"} | {n for n, b in STRATEGIES.items() if getattr(b, "options", {}).get("classifier") == "nme"}
+"""Strategies that classify by the nearest mean of exemplars: checked before any training."""
 
 DESCRIPTIONS = {
     "naive": "fine-tuning (Avalanche Naive) + replay memory",
