@@ -385,7 +385,8 @@ class _StackedTeachers:
         return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
 
 
-def _run_compiled(forward: Callable, x: Tensor):
+def _run(forward: Callable, x: Tensor):
+    """One teacher's forward; a compiler failure (``inference="compiled"``) names the fix."""
     try:
         return forward(x)
     except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler on this machine
@@ -455,9 +456,9 @@ class TeacherSet:
             raise ValueError("TeacherSet: batched teachers (vmap) are not compiled; use inference='fused' with batched=True")
         running = [inference_copy(t.module, inference) for t in self.teachers]
         self._runners = [_Forward(m, self.feature_layers, aux_logits) for m in running]
-        # The compiled forwards wrap the runners (so .to() still moves the runners' weights);
-        # every teacher shares one compiled graph when their shapes agree (weights are graph inputs).
-        self._compiled = [torch.compile(r) for r in self._runners] if inference == "compiled" else None
+        if inference == "compiled":
+            # every teacher shares one compiled graph when their shapes agree (weights are graph inputs)
+            self._runners = [torch.compile(r) for r in self._runners]
         self.batched = batched and len(self.teachers) > 1
         self._stacked = _StackedTeachers(running, self.feature_layers, aux_logits) if self.batched else None
         self.cache = OutputCache(len(self.teachers)) if cache else None
@@ -499,9 +500,7 @@ class TeacherSet:
                 }
             if self.inference != "plain" and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self._compiled is not None:
-                return {j: self._select(j, *_run_compiled(self._compiled[j], x)) for j in indices}
-            return {j: self._select(j, *self._runners[j](x)) for j in indices}
+            return {j: self._select(j, *_run(self._runners[j], x)) for j in indices}
 
     def run(self, index: int, x: Tensor) -> TeacherOutput:
         """Teacher ``index`` on ``x``."""

@@ -159,36 +159,37 @@ def test_a_preset_keeps_its_model_and_schedule_when_only_the_data_source_changes
     assert compare.resolve_config(args)["model"] == "resnet32"
 
 
-def test_ablation_strategies_run_only_when_named_and_change_one_option():
+def build_on_digits_shape(name, *argv):
+    """The runner's strategy ``name`` for the configuration of ``argv`` (8x8, 10 classes), not trained."""
     from avalanche.training.plugins import EvaluationPlugin
 
-    from benchmarks.strategies import ABLATIONS, Setup, build_strategy
+    from benchmarks.strategies import Setup, build_strategy
+
+    config = dict(compare.resolve_config(compare.build_parser().parse_args(list(argv))), device="cpu")
+    return config, build_strategy(name, Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[])))
+
+
+def test_ablation_strategies_run_only_when_named_and_change_one_option():
+    from benchmarks.strategies import ABLATIONS
 
     default = compare.resolve_config(compare.build_parser().parse_args([]))["strategies"]
     assert "m2kd-icarl" in default and not ABLATIONS & set(default)
-    named = compare.resolve_config(compare.build_parser().parse_args(["--strategies", ",".join(sorted(ABLATIONS))]))
-    config = dict(named, mem_size=20, device="cpu")
     changed = {"m2kd-icarl-noaux": ("m2kd-icarl", "aux_layers", []), "m2kd-bce-noaux": ("m2kd-bce", "aux_layers", []),
                "m2kd-icarl-informed": ("m2kd-icarl", "old_targets", "informed"), "m2kd-bce-informed": ("m2kd-bce", "old_targets", "informed"),
                "m2kd-bce-icarlhead": ("m2kd-bce", "bce_columns", "all")}
     assert set(changed) == ABLATIONS
     for name, (full, key, value) in changed.items():
-        plugins = [
-            build_strategy(n, Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[]))).m2kd.config() for n in (name, full)
-        ]
+        plugins = [build_on_digits_shape(n, "--mem-size", "20")[1].m2kd.config() for n in (name, full)]
         assert plugins[0][key] == value and plugins[1][key] != value
         assert {k: v for k, v in plugins[0].items() if k != key} == {k: v for k, v in plugins[1].items() if k != key}
 
 
 def test_teacher_inference_reaches_the_m2kd_and_ed_teachers_only_when_given():
-    from avalanche.training.plugins import EvaluationPlugin
-
-    from benchmarks.strategies import Setup, build_strategy
+    from avalanche_m2kd.teachers import TEACHER_INFERENCE
 
     def plugins(*argv):
-        config = dict(compare.resolve_config(compare.build_parser().parse_args(["--strategies", "m2kd,ed", *argv])), device="cpu")
-        setup = Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[]))
-        return config, build_strategy("m2kd", setup).m2kd, build_strategy("ed", setup).ed
+        config, m2kd = build_on_digits_shape("m2kd", *argv)
+        return config, m2kd.m2kd, build_on_digits_shape("ed", *argv)[1].ed
 
     config, m2kd, ed = plugins("--teacher-inference", "compiled")
     assert config["teacher_inference"] == "compiled"
@@ -198,6 +199,8 @@ def test_teacher_inference_reaches_the_m2kd_and_ed_teachers_only_when_given():
     assert m2kd.teacher_inference == "fused" and ed.teacher_inference == "fused"
     with pytest.raises(compare.UsageError, match="--teacher-inference: invalid choice: 'fast'"):
         compare.build_parser().parse_args(["--teacher-inference", "fast"])
+    option = next(a for a in compare.build_parser()._actions if a.dest == "teacher_inference")
+    assert tuple(option.choices) == TEACHER_INFERENCE  # the command line (kept free of torch imports) follows the library
 
 
 def test_the_sigmoid_form_trains_icarls_classifier_with_exemplars_and_a_growing_head_without():
@@ -205,13 +208,9 @@ def test_the_sigmoid_form_trains_icarls_classifier_with_exemplars_and_a_growing_
     m2kd-bce* (no exemplars): a growing head over the seen columns, which
     measured 2 to 3 points better there (README); m2kd-bce-icarlhead keeps the other."""
     from avalanche.models import IncrementalClassifier
-    from avalanche.training.plugins import EvaluationPlugin
 
-    from benchmarks.strategies import Setup, build_strategy
-
-    config = dict(compare.resolve_config(compare.build_parser().parse_args(["--mem-size", "20"])), device="cpu")
     for name, fixed in (("m2kd-icarl", True), ("m2kd-bce", False), ("m2kd-bce-last", False), ("m2kd-bce-icarlhead", True)):
-        strategy = build_strategy(name, Setup(config, 10, (1, 8, 8), "cpu", EvaluationPlugin(loggers=[])))
+        strategy = build_on_digits_shape(name, "--mem-size", "20")[1]
         growing = any(isinstance(m, IncrementalClassifier) for n, m in strategy.model.named_modules() if n.startswith("head"))
         assert growing is not fixed, name
         assert strategy.m2kd.bce_columns == ("all" if fixed else "seen"), name

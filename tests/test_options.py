@@ -174,7 +174,7 @@ def test_informed_old_targets_train_through_the_strategy_with_auxiliary_heads():
                     evaluator=quiet_evaluator(), loss="bce", aux_layers=("stage1", "stage2"), old_targets="informed")
     for k, exp in enumerate(bm.train_stream):
         strategy.train(exp)
-        newest = strategy.m2kd._build_newest("cpu")
+        newest = strategy.m2kd._build_newest(strategy.m2kd.build_teachers("cpu"), "cpu")
         assert (newest is None) == (k < 1)  # routing needs two snapshots
     assert newest.groups == [[c for g in strategy.m2kd.groups for c in g]]  # the newest snapshot over every old class
     assert set(strategy.m2kd.last_terms) == {"classification", "aux_bce"}

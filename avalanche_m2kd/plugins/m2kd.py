@@ -386,12 +386,13 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             inference=self.teacher_inference,
         ).to(device)
 
-    def _build_newest(self, device: torch.device | str) -> Optional[TeacherSet]:
-        """``old_targets="informed"``: the newest snapshot over every old class
-        (None when routing changes nothing: one snapshot, or ``teachers="last"``)."""
-        if self.old_targets != "informed" or self.teachers != "all" or len(self.snapshots) < 2:
+    def _build_newest(self, teacher_set: Optional[TeacherSet], device: torch.device | str) -> Optional[TeacherSet]:
+        """``old_targets="informed"``: the newest snapshot of ``teacher_set``
+        (its last teacher's module, not rebuilt) over every old class (None
+        when routing changes nothing: one snapshot, or ``teachers="last"``)."""
+        if self.old_targets != "informed" or self.teachers != "all" or teacher_set is None or len(teacher_set) < 2:
             return None
-        module = self.snapshots.teacher(len(self.snapshots) - 1, device)
+        module = teacher_set.teachers[-1].module
         return self._teacher_set_of([GroupTeacher(module, [c for g in self.groups for c in g])], device)
 
     def _run_teachers(
@@ -453,7 +454,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         self.prepare_model(model, x[:1])
         training = self._teacher_set is not None
         teacher_set = self._teacher_set if training else self.build_teachers(x.device)
-        newest_set = self._newest_set if training else self._build_newest(x.device)
+        newest_set = self._newest_set if training else self._build_newest(teacher_set, x.device)
         taps = self._student_taps(model)
         if taps is None:
             logits, features = model(x), []
@@ -499,7 +500,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
         )
         self._teacher_set = self.build_teachers(strategy.device, cache=cache)
-        self._newest_set = self._build_newest(strategy.device)
+        self._newest_set = self._build_newest(self._teacher_set, strategy.device)
         self._checked_this_experience = False
         self._nonfinite = {}
 
