@@ -121,6 +121,19 @@ def test_two_processes_with_torchrun_hold_identical_models_and_snapshots(tmp_pat
     assert len(m2kd["rank_snapshot_hashes"]) == 2 and len(set(m2kd["rank_snapshot_hashes"])) == 1
 
 
+
+def test_one_allreduce_after_backward_takes_the_same_steps_as_distributed_data_parallel():
+    """Why DataParallelSync and not a DDP wrapper is sound: from the same start,
+    on different batches per rank, both leave the same weights (2 gloo processes)."""
+    from benchmarks import ddp_sync
+
+    args = ddp_sync.build_parser().parse_args(["--model", "cifar_cnn", "--classes", "10", "--batch-size", "8",
+                                               "--iterations", "1", "--warmup", "0", "--repeats", "1",
+                                               "--check-steps", "3"])
+    result = ddp_sync.run(args)
+    assert result["max_weight_difference"] <= 1e-6
+    assert set(result["median_ms"]) == {"none", "allreduce", "ddp"} and all(v > 0 for v in result["median_ms"].values())
+
 # -- bad input: each answered by an error that names the problem --------------------------------
 def tiny_stream(x_fix=None, y_fix=None, n_experiences=2):
     data = synthetic_arrays(n_classes=4, per_class=8)
