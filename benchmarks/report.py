@@ -154,7 +154,7 @@ def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: Lis
     names = list(summary)
     lines = [f"# {title}", ""]
     lines += [f"- {n}" for n in notes] + [""]
-    header = ["Strategy"] + [c[1] for c in SUMMARY_COLUMNS] + ["Time (s)"]
+    header = ["Strategy"] + [c[1] for c in SUMMARY_COLUMNS] + ["Time (s)", "Seeds"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     best = {}
@@ -169,10 +169,11 @@ def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: Lis
             text = _fmt(summary[n][key])
             cells.append(f"**{text}**" if n in best.get(key, set()) else text)
         cells.append(_fmt(summary[n]["wall_time_s"], percent=False))
+        cells.append(str(summary[n]["wall_time_s"]["n"]))  # a std over one seed is 0.0, not agreement
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "Accuracies in %, mean ± std over seeds; forgetting and BWT in percentage points; best ranked value in bold "
+        "Accuracies in %, mean ± std over the seeds counted in the last column; forgetting and BWT in percentage points; best ranked value in bold "
         "(higher is better, except forgetting); `joint` is the upper bound and is not ranked."
     )
     return "\n".join(lines) + "\n"

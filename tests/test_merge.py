@@ -42,6 +42,17 @@ def test_runs_from_two_folders_are_paired_by_seed(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "+3.0, -1.0 → +1.0 ± 2.8 (1/2)" in summary
     assert f"from `{b}` (code 2222222): m2kd-icarl 0, m2kd-icarl 1" in summary
+    assert "| 60.0 ± 0.0 | 2 |" in summary  # wall time, then the number of seeds
+
+
+def test_a_strategy_on_fewer_seeds_says_so(tmp_path):
+    a = folder(tmp_path, "a", [run("icarl", 0, 0.25), run("icarl", 1, 0.24)])
+    b = folder(tmp_path, "b", [run("m2kd-icarl", 0, 0.28)])
+    out = tmp_path / "out"
+    assert merge.main([a, b, "--out", str(out), "--no-plots"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[-1].strip(" |")
+            for line in (out / "summary.md").read_text().split("Paired")[0].splitlines() if line.startswith("| ") and "±" in line}
+    assert rows == {"icarl": "2", "m2kd-icarl": "1"}
 
 
 def test_another_protocol_is_refused_with_the_key_that_differs(tmp_path, capsys):
