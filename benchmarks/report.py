@@ -89,6 +89,7 @@ CLAIMS = [
     ("m2kd-icarl-informed", "m2kd-icarl"),
     ("m2kd-icarl-informed", "m2kd-icarl-last"),
     ("m2kd-icarl-last", "icarl"),
+    ("m2kd-icarl-packnet", "m2kd-icarl"),  # a --m2kd-store packnet run, so named by benchmarks.merge
     ("m2kd-bce", "lwf"),
     ("m2kd-bce", "m2kd-bce-last"),
     ("m2kd-bce", "m2kd-bce-noaux"),
