@@ -275,8 +275,11 @@ def education_distillation_loss(
         targets: ``[B]`` global labels.
         teacher_logits: per stage, ``[n_k, |C_k|]`` logits of stage k's teacher
             on the samples ``sample_index[k]`` (stages with no sample may hold
-            empty tensors).
-        sample_index: per stage, the batch positions of its samples.
+            empty tensors); ``[B, |C_k|]`` on the whole batch where
+            ``sample_index[k]`` is a mask.
+        sample_index: per stage, the batch positions of its samples (long),
+            or a ``[B]`` boolean mask of them: the mask form needs no count
+            from the device (see ``TeacherSet.run_routed``).
         groups: per stage, its global class ids (teacher column order).
         alpha: weight of the cross-entropy; ``alpha = 1`` is plain CE.
         temperature: distillation temperature ``T``.
@@ -295,6 +298,11 @@ def education_distillation_loss(
         if index_k.numel() == 0:
             continue
         columns = _columns(student_logits, group, "education_distillation_loss")
+        if index_k.dtype == torch.bool:  # teacher k ran on the whole batch; its samples are the mask's rows
+            student_k = student_logits.index_select(1, columns)
+            per_sample = distill(student_k, logits_k.to(student_k.dtype), float(temperature))
+            kd_sum = kd_sum + torch.where(index_k, per_sample, per_sample.new_zeros(())).sum()
+            continue
         student_k = student_logits.index_select(0, index_k).index_select(1, columns)
         kd_sum = kd_sum + distill(student_k, logits_k.to(student_k.dtype), float(temperature)).sum()
     return alpha * ce + (1.0 - alpha) * kd_sum / student_logits.shape[0]

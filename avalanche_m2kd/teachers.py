@@ -260,6 +260,16 @@ TeacherInference = Literal["fused", "plain", "compiled"]
 TEACHER_INFERENCE = get_args(TeacherInference)
 
 
+Routing = Literal["split", "masked"]
+"""How :meth:`TeacherSet.run_routed` gives each sample its own teacher."""
+ROUTINGS = get_args(Routing)
+
+
+def check_routing(routing: str, caller: str) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(f"{caller}: teacher_routing must be one of {', '.join(repr(r) for r in ROUTINGS)}, got {routing!r}")
+
+
 def check_inference(inference: str, caller: str) -> None:
     if inference not in TEACHER_INFERENCE:
         choices = ", ".join(repr(c) for c in TEACHER_INFERENCE)
@@ -539,11 +549,9 @@ class TeacherSet:
         return TeacherOutput(parts[0], parts[1:])
 
     # -- routing (ED) -------------------------------------------------------------------
-    def route(self, targets: Tensor) -> List[Tensor]:
-        """Batch positions of the samples each teacher owns (by label).
-
-        Raises ``ValueError`` for a label no teacher owns.
-        """
+    def _owners(self, targets: Tensor) -> Tensor:
+        """Per sample, the index of the teacher owning its label; ``len(self)``
+        for a label no teacher owns (on the device, no read)."""
         device = targets.device
         if self._class_to_teacher is None or self._class_to_teacher.device != device:
             size = max(max(t.classes) for t in self.teachers) + 1
@@ -552,10 +560,17 @@ class TeacherSet:
                 table[t.classes] = i
             self._class_to_teacher = table.to(device)
         table = self._class_to_teacher
-        k = len(self)
         inside = (targets >= 0) & (targets < table.numel())
         owner = torch.where(inside, table[targets.clamp(0, table.numel() - 1)], -1)
-        owner = torch.where(owner < 0, k, owner)  # bin k: labels no teacher owns
+        return torch.where(owner < 0, len(self), owner)
+
+    def route(self, targets: Tensor) -> List[Tensor]:
+        """Batch positions of the samples each teacher owns (by label).
+
+        Raises ``ValueError`` for a label no teacher owns.
+        """
+        k = len(self)
+        owner = self._owners(targets)
         # one host read per batch: how many samples each teacher owns
         sizes = torch.bincount(owner, minlength=k + 1).tolist()
         if sizes[k]:
@@ -565,13 +580,31 @@ class TeacherSet:
         positions = torch.argsort(owner, stable=True)  # ascending batch positions within each teacher
         return list(positions.split(sizes[:k]))
 
+    def route_masks(self, targets: Tensor) -> List[Tensor]:
+        """Per teacher, a ``[B]`` boolean mask of the samples it owns. Nothing
+        is read from the device; a label no teacher owns fails a device-side
+        assertion (on a GPU it surfaces at the next synchronisation)."""
+        owner = self._owners(targets)
+        torch._assert_async((owner < len(self)).all(), "a label belongs to no teacher's classes")
+        return [owner == j for j in range(len(self))]
+
     @torch.no_grad()
-    def run_routed(self, x: Tensor, targets: Tensor) -> tuple[List[Tensor], List[TeacherOutput]]:
+    def run_routed(
+        self, x: Tensor, targets: Tensor, routing: Routing = "split"
+    ) -> tuple[List[Tensor], List[TeacherOutput]]:
         """Each sample through the teacher of its own group (ED).
 
-        Returns the per-teacher batch positions and outputs (teachers that own
-        no sample of the batch give zero rows).
+        ``routing="split"`` (default) runs each teacher on its own samples
+        only and returns their batch positions (teachers that own no sample of
+        the batch give zero rows); finding the split reads one count per teacher
+        from the device. ``routing="masked"`` runs every teacher on the whole
+        batch and returns boolean masks: no read, at the price of each
+        teacher's forward pass on all ``B`` samples.
         """
+        check_routing(routing, "TeacherSet.run_routed")
+        if routing == "masked":
+            masks = self.route_masks(targets)
+            return masks, self.run_all(x)
         index = self.route(targets)
         rows = self.cache.rows(x) if self.cache is not None else None
         outputs = []

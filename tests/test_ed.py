@@ -200,6 +200,44 @@ def test_plugin_loss_routes_each_sample_to_its_stage_teacher():
     assert torch.equal(plugin(logits, y), nn.functional.cross_entropy(logits, y))
 
 
+def test_masked_routing_runs_every_teacher_on_the_batch_and_keeps_the_same_loss():
+    torch.manual_seed(0)
+    from avalanche_m2kd.teachers import TeacherSet, group_teachers
+
+    t0, t1 = nn.Linear(4, 2), nn.Linear(4, 3)
+    teachers = TeacherSet(group_teachers([(t0, [0, 1]), (t1, [2, 3, 4])], "test"))
+    x, y, logits = torch.randn(5, 4), torch.tensor([3, 0, 4, 1, 2]), torch.randn(5, 5)
+    masks, outputs = teachers.run_routed(x, y, "masked")
+    assert [m.tolist() for m in masks] == [[False, True, False, True, False], [True, False, True, False, True]]
+    assert [o.logits.shape for o in outputs] == [(5, 2), (5, 3)]  # every teacher on the whole batch
+    index, split_outputs = teachers.run_routed(x, y)
+    for mask, idx, whole, own in zip(masks, index, outputs, split_outputs):
+        assert torch.allclose(whole.logits[mask], own.logits, atol=1e-6)
+    groups = [[0, 1], [2, 3, 4]]
+    split = education_distillation_loss(logits, y, [o.logits for o in split_outputs], index, groups)
+    masked = education_distillation_loss(logits, y, [o.logits for o in outputs], masks, groups)
+    assert masked.item() == pytest.approx(split.item(), abs=1e-6)
+    with pytest.raises(RuntimeError, match="belongs to no teacher"):
+        teachers.run_routed(x, torch.tensor([0, 7, 2, 2, 1]), "masked")
+    with pytest.raises(ValueError, match="teacher_routing must be one of 'split', 'masked', got 'both'"):
+        EducationDistillationPlugin(teachers=[(t0, [0, 1])], teacher_routing="both")
+
+
+@pytest.mark.training
+def test_masked_routing_trains_the_same_student(digits3):
+    """The two routings give the same training run up to float rounding."""
+    finals = []
+    for routing in ("split", "masked"):
+        torch.manual_seed(0)
+        student = ed_small(1, 8)
+        strategy = ed_strategy(student, epochs=1, teacher_routing=routing, teacher_cache="off")
+        for exp in list(digits3.train_stream)[:2]:
+            strategy.train(exp)
+        finals.append(torch.cat([p.detach().reshape(-1) for p in student.parameters()]))
+    assert finals[0].shape == finals[1].shape
+    assert torch.allclose(finals[0], finals[1], atol=1e-4), (finals[0] - finals[1]).abs().max()
+
+
 def test_bad_teachers_are_clear_errors(digits3):
     ok = lambda n: models.digits_cnn(n)
     two = [(ok(3), [0, 1, 2]), (ok(3), [3, 4, 5])]

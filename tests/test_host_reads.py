@@ -77,6 +77,30 @@ def test_an_m2kd_iteration_reads_nothing_back_from_the_device(kwargs):
     assert {"mm"} <= set(strategy.m2kd.last_terms) or {"classification", "aux_bce"} <= set(strategy.m2kd.last_terms)
 
 
+@pytest.mark.parametrize("routing, reads", [("masked", []), ("split", ["tolist"])])
+def test_an_ed_iteration_with_masked_routing_reads_nothing_back(routing, reads):
+    """ED's default routing reads the per-teacher counts once per batch; the
+    masked routing reads nothing (every stage teacher runs on the whole batch)."""
+    from avalanche_m2kd import EducationDistillation
+    from avalanche_m2kd.models import ed_small
+
+    torch.manual_seed(0)
+    bm = synthetic_stream(3)
+    student = ed_small(1, 8)
+    counter = CountIterations()
+    strategy = EducationDistillation(
+        model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.05), train_mb_size=8,
+        evaluator=EvaluationPlugin(loggers=[]), teacher_factory=lambda n: digits_cnn(n), teacher_epochs=1,
+        revisit=6, teacher_cache="off", teacher_routing=routing,
+    )
+    strategy.plugins.insert(0, counter)
+    for exp in bm.train_stream:
+        strategy.train(exp)
+    assert len(counter.per_iteration) > 5
+    assert all(calls == reads for calls in counter.per_iteration), counter.per_iteration[:3]
+    assert len(strategy.ed.teachers) == 3
+
+
 def test_the_counter_sees_a_read():
     """The probe itself can fail: a plugin that reads the loss is counted."""
 

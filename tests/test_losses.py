@@ -172,6 +172,26 @@ def test_education_distillation_loss_routes_each_sample_to_its_stage_teacher():
     assert got.item() == pytest.approx(expected, abs=1e-5)
 
 
+def test_education_distillation_with_masks_equals_the_split_form():
+    """A teacher run on the whole batch, its samples kept by a mask (no count read
+    from the device), gives the loss of the teacher run on its own samples."""
+    z, y, groups, t0, t1, index = _two_stage_batch()
+    split = education_distillation_loss(z, y, [t0, t1], index, groups, 0.3, 4.0)
+    b = z.shape[0]
+    masks, full = [], []
+    for teacher, idx in zip((t0, t1), index):
+        mask = torch.zeros(b, dtype=torch.bool)
+        mask[idx] = True
+        whole = torch.full((b, teacher.shape[1]), 1e4)  # rows of other stages' samples: large, and ignored
+        whole[idx] = teacher
+        masks.append(mask)
+        full.append(whole)
+    masked = education_distillation_loss(z, y, full, masks, groups, 0.3, 4.0)
+    assert masked.item() == pytest.approx(split.item(), abs=1e-6)
+    masks[1][index[1][0]] = False  # one sample fewer distilled: the mask is what counts
+    assert education_distillation_loss(z, y, full, masks, groups, 0.3, 4.0).item() != pytest.approx(split.item(), abs=1e-4)
+
+
 def test_education_distillation_alpha_one_is_exactly_cross_entropy():
     z = torch.tensor(STUDENT)
     y = torch.tensor([1, 3])

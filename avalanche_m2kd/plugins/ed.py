@@ -13,11 +13,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
-from .._experience import check_batch, check_is_criterion, check_stream, experience_index
+from .._experience import (
+    accumulate_nonfinite,
+    check_batch,
+    check_finite_terms,
+    check_is_criterion,
+    check_nonfinite_flags,
+    check_stream,
+    experience_index,
+)
 from ..distributed import broadcast_module
 from ..losses import SampleDistillation, TeacherOutput, sample_distillation
-from ..precision import Precision, check_precision
-from ..teachers import GroupTeacher, TeacherInference, TeacherSet, check_inference, group_teachers, train_group_teacher
+from ..precision import Precision, check_precision, scaler_skips_non_finite
+from ..teachers import (
+    GroupTeacher,
+    Routing,
+    TeacherInference,
+    TeacherSet,
+    check_inference,
+    check_routing,
+    group_teachers,
+    train_group_teacher,
+)
 from .kd import routed_distillation_loss
 
 TeacherSpec = Union[GroupTeacher, Tuple[nn.Module, Sequence[int]]]
@@ -129,6 +146,18 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             per training input and reuses them in later epochs when the training
             transform is deterministic; ``"exact"`` insists; ``"off"`` never
             caches (see :class:`~avalanche_m2kd.M2KDPlugin`).
+        teacher_routing: ``"split"`` (default [ours]) runs each stage teacher
+            on the samples of its own stage only, which takes one read of the
+            per-teacher counts from the device per batch; ``"masked"`` runs
+            every stage teacher on the whole batch and keeps each sample's own
+            teacher by a mask: no read (no stall on a GPU), but each teacher
+            sees all ``B`` samples. The losses are equal.
+        check_batches: check every batch (finite inputs, labels inside the
+            student's outputs, a finite loss) at once, instead of the first
+            batch of each stage only. Default False [ours]: each check reads
+            values back from the device, a stall per batch on a GPU. Then a
+            non-finite loss is flagged on the device and read once per epoch
+            (as ``M2KDPlugin``'s option).
 
     When the student's parameters change (it grew), the optimizer is rebuilt
     over exactly the model's parameters, momentum reset [code].
@@ -152,9 +181,12 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         stage_epochs: Optional[Sequence[int]] = None,
         stage_lr: Optional[Sequence[float]] = None,
         teacher_cache: CacheMode = "auto",
+        teacher_routing: Routing = "split",
+        check_batches: bool = False,
     ):
         super().__init__()
         check_cache_mode("EducationDistillationPlugin", teacher_cache)
+        check_routing(teacher_routing, "EducationDistillationPlugin")
         check_precision(teacher_precision, "EducationDistillationPlugin")
         check_inference(teacher_inference, "EducationDistillationPlugin")
         if (teachers is None) == (teacher_factory is None):
@@ -186,6 +218,10 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         self.stage_epochs = list(stage_epochs) if stage_epochs is not None else None
         self.stage_lr = list(stage_lr) if stage_lr is not None else None
         self.teacher_cache = teacher_cache
+        self.teacher_routing = teacher_routing
+        self.check_batches = bool(check_batches)
+        self._checked_this_stage = False
+        self._nonfinite: dict = {}
         self.stage_classes: List[List[int]] = []
         """Classes of each finished stage."""
         self.teacher_lrs: List[List[float]] = []
@@ -244,6 +280,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 self.teachers[: s + 1], cache=cache, precision=self.teacher_precision, inference=self.teacher_inference
             ).to(strategy.device)
         self._rebuild_optimizer_if_grown(strategy, self._params_after_last_stage)
+        self._checked_this_stage = False
         if self.stage_epochs is not None:
             strategy.train_epochs = self.stage_epochs[min(s, len(self.stage_epochs) - 1)]
         if self.stage_lr is not None:
@@ -254,14 +291,27 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     def before_training_epoch(self, strategy, **kwargs):
         start_epoch(self._teacher_set)
+        self._nonfinite = {}
 
     def after_training_epoch(self, strategy, **kwargs):
         end_epoch("EducationDistillationPlugin", self.teacher_cache, self._teacher_set, strategy.clock.train_exp_epochs)
+        check_nonfinite_flags("EducationDistillationPlugin", self._nonfinite, strategy.experience)  # one read per epoch
 
     def after_forward(self, strategy, **kwargs):
-        check_batch("EducationDistillationPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
+        if self.check_batches or not self._checked_this_stage:
+            check_batch("EducationDistillationPlugin", strategy.experience, strategy.mb_x, strategy.mb_y, strategy.mb_output.shape[-1])
+            self._checked_this_stage = True
         if self._teacher_set is not None:
-            self._routed = self._teacher_set.run_routed(strategy.mb_x, strategy.mb_y)
+            self._routed = self._teacher_set.run_routed(strategy.mb_x, strategy.mb_y, self.teacher_routing)
+
+    def before_backward(self, strategy, **kwargs):
+        if scaler_skips_non_finite(strategy):  # fp16: the scaler skips non-finite steps itself
+            return
+        terms = {"training": strategy.loss}
+        if self.check_batches:
+            check_finite_terms("EducationDistillationPlugin", terms, strategy.experience)
+        else:
+            accumulate_nonfinite(self._nonfinite, terms)
 
     def after_training_iteration(self, strategy, **kwargs):
         self._routed = None
