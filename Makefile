@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: venv demo test test-kernels clean
+.PHONY: venv demo test test-kernels test-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 # picks other float kernels, and nothing may depend on which (CI runs this too).
 test-kernels: $(STAMP)
 	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -m "training and not slow"
+
+# On a machine with CUDA: training iterations must not synchronise with the host.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -m gpu tests/test_gpu.py
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

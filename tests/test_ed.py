@@ -223,14 +223,20 @@ def test_masked_routing_runs_every_teacher_on_the_batch_and_keeps_the_same_loss(
         EducationDistillationPlugin(teachers=[(t0, [0, 1])], teacher_routing="both")
 
 
-@pytest.mark.training
 def test_masked_routing_trains_the_same_student(digits3):
-    """The two routings give the same training run up to float rounding."""
+    """The two routings give the same training run up to float rounding (the
+    teachers see other batch sizes). SGD, not Adam: Adam's step divides by the
+    gradient's own size, so it turns last-bit differences in tiny gradients
+    into whole steps."""
     finals = []
     for routing in ("split", "masked"):
         torch.manual_seed(0)
         student = ed_small(1, 8)
-        strategy = ed_strategy(student, epochs=1, teacher_routing=routing, teacher_cache="off")
+        strategy = EducationDistillation(
+            model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.05), train_mb_size=32, train_epochs=1,
+            evaluator=quiet_evaluator(), teacher_factory=lambda n: models.digits_cnn(n),
+            teacher_optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), teacher_routing=routing, teacher_cache="off",
+        )
         for exp in list(digits3.train_stream)[:2]:
             strategy.train(exp)
         finals.append(torch.cat([p.detach().reshape(-1) for p in student.parameters()]))
