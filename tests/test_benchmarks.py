@@ -70,3 +70,45 @@ def test_speed_table_ratios_and_floor(tmp_path):
 def test_speed_rejects_an_unknown_mode(tmp_path):
     with pytest.raises(SystemExit, match="unknown modes"):
         speed.main(["--modes", "naive,fast", "--out", str(tmp_path)])
+
+
+def _drift_checkpoint(path, states, groups, kind="full"):
+    import torch
+
+    plugin = {"type": "M2KDPlugin", "state": {"state": {"snapshots": {"kind": kind, "snapshots": states}, "groups": groups}}}
+    torch.save({"plugins": [plugin], "meta": {"config": {"model": "digits_cnn"}}}, path)
+
+
+def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp_path):
+    import torch
+
+    from avalanche_m2kd import models
+    from benchmarks import target_drift
+
+    torch.manual_seed(0)
+    nets = [models.create("digits_cnn", num_classes=6) for _ in range(3)]
+    nets[1].load_state_dict(nets[0].state_dict())  # snapshot 1 equals snapshot 0
+    groups = [[0, 1], [2, 3], [4, 5]]
+    path = tmp_path / "run.ckpt"
+    _drift_checkpoint(path, [n.state_dict() for n in nets], groups)
+    images, labels = torch.randn(12, 1, 8, 8), torch.arange(12) % 6
+    rows = target_drift.drift(path, images, labels)
+    assert [r["step"] for r in rows] == [3]  # 3 snapshots: step 3's teachers are snapshots 0 and 1
+    assert rows[0]["every_image"] == 0.0 and rows[0]["own_images"] == 0.0
+    nets[1] = models.create("digits_cnn", num_classes=6)
+    _drift_checkpoint(path, [n.state_dict() for n in nets], groups)
+    row = target_drift.drift(path, images, labels)[0]
+    with torch.no_grad():
+        gap = (torch.sigmoid(nets[0].eval()(images))[:, :2] - torch.sigmoid(nets[1].eval()(images))[:, :2]).abs()
+    assert row["every_image"] == pytest.approx(float(gap.mean()), abs=1e-6)
+    assert row["own_images"] == pytest.approx(float(gap[labels < 2].mean()), abs=1e-6)
+
+
+def test_target_drift_refuses_what_it_cannot_read(tmp_path, capsys):
+    from benchmarks import target_drift
+
+    _drift_checkpoint(tmp_path / "packnet.ckpt", [], [], kind="packnet")
+    for name, message in [("missing.ckpt", "no such checkpoint"), ("packnet.ckpt", "only the full store")]:
+        assert target_drift.main([str(tmp_path / name), "--dataset", "digits", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err

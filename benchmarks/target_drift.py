@@ -1,0 +1,124 @@
+"""How far the older snapshots' targets are from the last one's (a diagnostic, not a test).
+
+    python -m benchmarks.target_drift runs/b0-10-ckpt/m2kd-icarl-seed0.ckpt \\
+        runs/b0-10-free-ckpt/m2kd-bce-seed0.ckpt --dataset npz:data/cifar100.npz
+
+M2KD differs from distilling from the last model only in the targets of the
+older class groups: at step t, group k's targets come from snapshot k instead
+of snapshot t-1. Where the two agree, "all snapshots" cannot change training.
+For each finished M2KD run (a runner checkpoint with the full snapshot store),
+this measures that difference at every step: the mean, over the classes c of
+every group k < t-1, of ``|sigmoid(g_k(x)_c) - sigmoid(g_{t-1}(x)_c)|`` (the
+sigmoid form's targets), over ``--images`` test images of every class (most
+targets there are near 0 for both) and over those of group k's own classes
+(where its targets are large). Writes target_drift.json and target_drift.md to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from avalanche_m2kd import datasets, models
+from avalanche_m2kd.snapshots import load_state_reshaped
+from avalanche_m2kd.taps import AUX_ATTRIBUTE
+
+from . import report
+from .compare import OneLineParser, UsageError
+
+PROG = "python -m benchmarks.target_drift"
+
+
+def _snapshots(path: Path) -> tuple[dict, List[dict], List[List[int]]]:
+    """The run's configuration, its snapshots (state dicts) and class groups."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such checkpoint; pass a runner checkpoint (--checkpoint FOLDER/NAME-seedS.ckpt)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    plugin = next((p["state"] for p in saved.get("plugins", []) if p.get("type") == "M2KDPlugin"), None)
+    if plugin is None:
+        raise UsageError(f"{path} holds no M2KD run; pass the checkpoint of an m2kd strategy")
+    state = plugin["state"]
+    store = state["snapshots"]
+    if store.get("kind") != "full":
+        raise UsageError(f"{path}: snapshot store {store.get('kind')!r}; only the full store keeps every snapshot exactly")
+    return saved["meta"]["config"], store["snapshots"], [list(g) for g in state["groups"]]
+
+
+@torch.no_grad()
+def drift(path: Path, images: torch.Tensor, labels: torch.Tensor) -> List[dict]:
+    """Per step t >= 3 (1-based), the mean absolute difference between the
+    owners' sigmoid targets and the last teacher's on the older groups: on
+    every image, and on the images of each group's own classes."""
+    config, snapshots, groups = _snapshots(path)
+    probs = []
+    for state in snapshots:
+        own = {k: v for k, v in state.items() if not k.startswith(AUX_ATTRIBUTE + ".")}
+        fixed = own["head.weight"].shape[0] if "head.weight" in own else None
+        net = models.create(config["model"], num_classes=fixed, in_channels=images.shape[1])
+        load_state_reshaped(net, own).eval()
+        probs.append(torch.cat([torch.sigmoid(net(chunk)) for chunk in images.split(500)]))
+    rows = []
+    for t in range(3, len(snapshots) + 1):  # at step t the teachers are snapshots 0..t-2
+        last = t - 2
+        every, own, size = [], [], []
+        for k, g in enumerate(groups[:last]):
+            gap = (probs[k][:, g] - probs[last][:, g]).abs()
+            mine = torch.isin(labels, torch.tensor(g))
+            every.append(float(gap.mean()))
+            own.append(float(gap[mine].mean()))
+            size.append(float(probs[k][mine][:, g].mean()))
+        rows.append({"step": t, "groups": last, "every_image": float(np.mean(every)), "own_images": float(np.mean(own)),
+                     "owner_target_own_images": float(np.mean(size)),
+                     "per_group_every_image": every, "per_group_own_images": own})
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoints", nargs="+", help="runner checkpoints of finished M2KD runs (full snapshot store)")
+    p.add_argument("--dataset", required=True, help="the runs' data set (e.g. npz:data/cifar100.npz)")
+    p.add_argument("--data-root")
+    p.add_argument("--images", type=int, default=2000, help="test images drawn at random (seed 0); default 2000")
+    p.add_argument("--out", default="results/target_drift")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        data = datasets.load_dataset(args.dataset, args.data_root)
+        pick = np.random.RandomState(0).permutation(len(data.x_test))[: args.images]
+        normalize = datasets.ToFloatNormalized(*datasets.channel_stats(data.x_train))
+        images = torch.stack([normalize(torch.from_numpy(data.x_test[i])) for i in pick])
+        labels = torch.from_numpy(data.y_test[pick]).long()
+        results: Dict[str, List[dict]] = {c: drift(Path(c), images, labels) for c in args.checkpoints}
+    except (UsageError, ValueError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    names = list(results)
+    lines = [f"# Older snapshots' targets against the last teacher's ({len(pick)} test images)", "",
+             f"Command: `{' '.join([PROG, *argv])}`", "",
+             "Mean |sigmoid target of the group's own snapshot − the last teacher's| over the older groups, "
+             "on every image / on the images of the group's own classes (in brackets: the owner's mean target there):", "",
+             "| step | " + " | ".join(f"`{Path(n).parent.name}/{Path(n).stem}`" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    def cell(r: dict) -> str:
+        return f"{r['every_image']:.3f} / {r['own_images']:.3f} ({r['owner_target_own_images']:.3f})"
+
+    for i in range(max(len(r) for r in results.values())):
+        cells = [cell(results[n][i]) if i < len(results[n]) else "" for n in names]
+        lines.append(f"| {i + 3} | " + " | ".join(cells) + " |")
+    document = {"command": [PROG, *argv], "images": len(pick), "results": results}
+    report.write_benchmark(args.out, "target_drift", document, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
