@@ -68,6 +68,10 @@ def merge(folders: Sequence[str], renames: Sequence[str] = (), skips: Sequence[s
             raise UsageError(f"{given!r} in --rename/--skip is none of the folders given ({', '.join(folders)})")
 
     documents = [(f, read_json(Path(f) / "results.json", "results file")) for f in folders]
+    for folder, doc in documents:
+        if not isinstance(doc, dict) or not {"config", "runs"} <= set(doc):
+            raise UsageError(f"{folder}/results.json is not a runner results file (no config or runs); "
+                             "merge folders written by benchmarks.compare")
     first_folder, first = documents[0]
     runs: List[dict] = []
     origin: Dict[Tuple[str, int], str] = {}

@@ -90,10 +90,13 @@ def test_another_snapshot_store_must_be_named_apart(tmp_path):
     (["a", "--rename", "a:lwf"], "expected FOLDER:OLD=NEW"),
     (["a", "--skip", "elsewhere:lwf"], "'elsewhere' in --rename/--skip is none of the folders"),
     (["a", "--out", "a"], "is one of the folders being merged"),
+    (["a", "other"], "other/results.json is not a runner results file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
     folder(tmp_path, "a", [run("lwf", 0, 0.15)])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"speed": 1}')
     argv = args if "--out" in args else [*args, "--out", "out"]
     assert merge.main(argv) == 2
     err = capsys.readouterr().err.strip()
