@@ -17,7 +17,6 @@ targets there are near 0 for both) and over those of group k's own classes
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -95,7 +94,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         data = datasets.load_dataset(args.dataset, args.data_root)
         pick = np.random.RandomState(0).permutation(len(data.x_test))[: args.images]
-        normalize = datasets.ToFloatNormalized(*datasets.channel_stats(data.x_train))
+        normalize = datasets.make_transforms(data)[1]  # the runner's evaluation transform
         images = torch.stack([normalize(torch.from_numpy(data.x_test[i])) for i in pick])
         labels = torch.from_numpy(data.y_test[pick]).long()
         results: Dict[str, List[dict]] = {c: drift(Path(c), images, labels) for c in args.checkpoints}
