@@ -465,7 +465,9 @@ class M2KDLoss:
     Softmax form (``form="kl"``); the strategy's cross-entropy is added by
     the strategy itself:
 
-    * ``aux_ce``: cross-entropy of each auxiliary head over the seen classes, summed;
+    * ``aux_ce``: cross-entropy of each auxiliary head over the seen classes,
+      summed (read from ``aux_ce_logits`` when given: heads applied to detached
+      features train only the heads);
     * ``mm``: :func:`distill_group_logits` of the output from the teachers;
     * ``aux_kd``: the same for each auxiliary head (``aux="logits"``), or
       :func:`distill_group_features` of each tapped feature map (``aux="features"``).
@@ -519,6 +521,7 @@ class M2KDLoss:
         features: Sequence[Tensor] = (),
         n_outputs: Optional[int] = None,
         columns: Optional[Sequence[int]] = None,
+        aux_ce_logits: Optional[Sequence[Tensor]] = None,
     ) -> Dict[str, Tensor]:
         """The unweighted terms of one batch.
 
@@ -536,6 +539,9 @@ class M2KDLoss:
             columns: ``bce`` only: the output columns of the classification
                 term, default ``seen``; every column of a fixed head gives
                 iCaRL's loss (unseen classes with target 0).
+            aux_ce_logits: ``kl`` only: the logits ``aux_ce`` reads, one per
+                tapped layer; default ``aux_logits`` (deep supervision). The
+                distillation terms always read ``aux_logits``.
         """
         if len(teacher_outputs) != len(groups):
             raise ValueError(f"M2KDLoss: {len(teacher_outputs)} teacher outputs for {len(groups)} groups")
@@ -552,7 +558,11 @@ class M2KDLoss:
                     for i, a in enumerate(aux_logits)
                 )
         elif aux_logits:
-            terms["aux_ce"] = sum(cross_entropy_over(a, targets, seen) for a in aux_logits)
+            if aux_ce_logits is None:
+                aux_ce_logits = aux_logits
+            elif len(aux_ce_logits) != len(aux_logits):
+                raise ValueError(f"M2KDLoss: {len(aux_ce_logits)} aux_ce_logits for {len(aux_logits)} auxiliary heads")
+            terms["aux_ce"] = sum(cross_entropy_over(a, targets, seen) for a in aux_ce_logits)
         if not teacher_outputs:
             return terms
         if self.form == "kl":

@@ -31,7 +31,7 @@ class Setup:
     last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
 
 
-ABLATIONS = {"m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
+ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
 """Strategies run only when named in ``--strategies`` (not in the default set)."""
 
 
@@ -207,6 +207,9 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd": _m2kd(),
     "m2kd-last": _m2kd(teachers="last"),
     "m2kd-noaux": _m2kd(aux_layers=()),
+    "m2kd-last-noaux": _m2kd(teachers="last", aux_layers=()),
+    "m2kd-probe": _m2kd(aux_supervision="probe"),
+    "m2kd-last-probe": _m2kd(teachers="last", aux_supervision="probe"),
     "m2kd-icarl": _m2kd(True, loss="bce", classifier="nme"),
     "m2kd-icarl-last": _m2kd(True, loss="bce", classifier="nme", teachers="last"),
     "m2kd-icarl-noaux": _m2kd(True, loss="bce", classifier="nme", aux_layers=()),
@@ -237,6 +240,9 @@ DESCRIPTIONS = {
     "m2kd": "M2KD: all snapshots, auxiliary heads",
     "m2kd-last": "M2KD with the last snapshot only",
     "m2kd-noaux": "M2KD without auxiliary heads",
+    "m2kd-last-noaux": "the last snapshot, no auxiliary heads: LwF's loss through our code (ablation)",
+    "m2kd-probe": "M2KD, auxiliary heads trained as probes: their cross-entropy does not reach the backbone (ablation)",
+    "m2kd-last-probe": "m2kd-last with the auxiliary heads trained as probes (ablation)",
     "m2kd-icarl": "M2KD in iCaRL's form: iCaRL's classifier and sigmoid loss, herding, nearest-mean classifier",
     "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
     "m2kd-icarl-noaux": "m2kd-icarl without auxiliary heads (ablation)",

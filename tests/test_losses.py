@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from avalanche_m2kd.losses import (
+    M2KDLoss,
     attention_map,
     class_positions,
     cross_entropy_over,
@@ -289,3 +290,21 @@ def test_route_unseen_rows_gives_each_snapshot_only_the_samples_of_classes_it_sa
     assert torch.equal(routed[1].features[0][:, 0, 0], torch.tensor([2.0, 2, -1, -1]))
     with pytest.raises(ValueError, match="4 columns, the groups hold 3 classes"):
         route_unseen_rows(own[:2], groups[:2], newest, y)
+
+
+def test_m2kd_loss_reads_the_heads_cross_entropy_from_aux_ce_logits():
+    """``aux_ce`` is the cross-entropy of ``aux_ce_logits`` when given (the
+    probes), of ``aux_logits`` otherwise; a count that does not match is an error."""
+    heads = [torch.tensor([[2.0, 0.0, 5.0]]), torch.tensor([[0.0, 1.0, 5.0]])]
+    probes = [torch.tensor([[0.0, 0.0, 5.0]]), torch.tensor([[1.0, 1.0, 5.0]])]
+    targets, seen = torch.tensor([0]), [0, 1]
+    ce = lambda z: -math.log(softmax(z)[0])  # column 2 is not seen
+    objective = M2KDLoss()
+    assert objective.terms(heads[0], targets, seen, aux_logits=heads)["aux_ce"].item() == pytest.approx(
+        ce([2.0, 0.0]) + ce([0.0, 1.0]), abs=1e-6
+    )
+    assert objective.terms(heads[0], targets, seen, aux_logits=heads, aux_ce_logits=probes)["aux_ce"].item() == pytest.approx(
+        2 * ce([0.0, 0.0]), abs=1e-6
+    )
+    with pytest.raises(ValueError, match="1 aux_ce_logits for 2 auxiliary heads"):
+        objective.terms(heads[0], targets, seen, aux_logits=heads, aux_ce_logits=probes[:1])

@@ -251,3 +251,37 @@ def test_m2kd_strategy_wires_plugin_and_memory_without_touching_caller_list():
     assert len(buffer) == 20 and counts.tolist() == [4, 4, 3, 3, 3, 3]  # 20 shared by 6 classes
     with pytest.raises(ValueError, match="mem_size"):
         M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), mem_size=-1)
+
+
+def test_aux_supervision_decides_whether_the_heads_cross_entropy_reaches_the_backbone():
+    """``aux_supervision="probe"``: the auxiliary heads' cross-entropy has the
+    value of deep supervision, and the same gradient on the heads, but none on
+    the backbone."""
+    bm = synthetic_stream(2)
+    seed_everything(0)
+    model = digits_cnn()
+    x, y = batch_of(bm.train_stream[0])
+    avalanche_model_adaptation(model, bm.train_stream[0])
+    grads = {}
+    for supervision in ("deep", "probe"):
+        plugin = M2KDPlugin(aux_layers=("stage1", "stage2"), aux_supervision=supervision)
+        model.zero_grad(set_to_none=True)
+        terms = plugin.compute_losses(model, x, y, current_classes=[0, 1])  # heads attached once, on the first call
+        assert set(terms) == {"aux_ce", "total"}  # no teacher yet: the heads' cross-entropy alone
+        terms["aux_ce"].backward()
+        grads[supervision] = (terms["aux_ce"].item(), {n: p.grad for n, p in model.named_parameters()})
+    (deep_value, deep), (probe_value, probe) = grads["deep"], grads["probe"]
+    assert probe_value == pytest.approx(deep_value, rel=1e-6)
+    heads = [n for n in deep if n.startswith("m2kd_aux.")]
+    assert heads and all(torch.allclose(probe[n], deep[n], atol=1e-7) for n in heads)
+    stage1 = [n for n in deep if n.startswith("stage1.")]
+    assert stage1 and all(deep[n].abs().sum() > 0 for n in stage1)
+    assert all(probe[n] is None or not probe[n].any() for n in stage1)
+
+
+def test_aux_supervision_is_checked():
+    with pytest.raises(ValueError, match="aux_supervision must be 'deep' or 'probe'"):
+        M2KDPlugin(aux_supervision="detached")
+    with pytest.raises(ValueError, match="needs loss='kl'"):
+        M2KDPlugin(loss="bce", aux_supervision="probe")
+    assert M2KDPlugin(aux_supervision="probe").config()["aux_supervision"] == "probe"

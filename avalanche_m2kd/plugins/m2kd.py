@@ -94,6 +94,13 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         aux_ce_weight: weight of the auxiliary heads' cross-entropy (deep
             supervision). Default 1 [ours]. Unused with ``aux="features"`` or
             ``loss="bce"``.
+        aux_supervision: what the auxiliary heads' cross-entropy trains.
+            ``"deep"`` (default [ours], deep supervision): the heads and the
+            layers below them, so every tapped stage is pushed to separate the
+            classes on its own; ``"probe"``: the heads only (they read detached
+            features, as linear probes), so the backbone moves only through the
+            classification loss and the distillation terms. Distillation of the
+            heads reaches the backbone either way. Softmax form only.
         teachers: ``"all"`` = M2KD (every snapshot teaches its own group);
             ``"last"`` = the single-teacher ablation (the last snapshot teaches
             all old classes, as LwF; the store then releases each older
@@ -190,6 +197,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         mm_weight: float = 0.25,
         aux_weight: float = 0.25,
         aux_ce_weight: float = 1.0,
+        aux_supervision: Literal["deep", "probe"] = "deep",
         teachers: TeacherMode = "all",
         old_targets: Literal["owner", "informed"] = "owner",
         aux_layers: Sequence[str] = (),
@@ -225,6 +233,13 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                 raise ValueError(f"M2KDPlugin: teachers_per_batch must be >= 1, got {teachers_per_batch}")
             if loss != "kl":
                 raise ValueError("M2KDPlugin: teachers_per_batch needs loss='kl' (with 'bce' teachers supply targets, not terms)")
+        if aux_supervision not in ("deep", "probe"):
+            raise ValueError(f"M2KDPlugin: aux_supervision must be 'deep' or 'probe', got {aux_supervision!r}")
+        if aux_supervision == "probe" and loss != "kl":
+            raise ValueError(
+                "M2KDPlugin: aux_supervision='probe' needs loss='kl' (with 'bce' each auxiliary head has one sigmoid "
+                "loss that both classifies and distils); leave it 'deep'"
+            )
         if teachers not in ("all", "last"):
             raise ValueError(f"M2KDPlugin: teachers must be 'all' or 'last', got {teachers!r}")
         if old_targets not in ("owner", "informed"):
@@ -239,6 +254,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError(f"M2KDPlugin: post_prune_lr must be > 0, got {post_prune_lr}")
         if bce_classes is not None and bce_classes < 1:
             raise ValueError(f"M2KDPlugin: bce_classes must be >= 1, got {bce_classes}")
+        self.aux_supervision = aux_supervision
         self.teachers = teachers
         self.old_targets = old_targets
         self.aux_layers = list(aux_layers)
@@ -311,6 +327,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
             "mm_weight": o.mm_weight,
             "aux_weight": o.aux_weight,
             "aux_ce_weight": o.aux_ce_weight,
+            "aux_supervision": self.aux_supervision,
             "teachers": self.teachers,
             "old_targets": self.old_targets,
             "aux_layers": list(self.aux_layers),
@@ -421,7 +438,11 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     def _terms(self, batch: _Batch, logits: Tensor, targets: Tensor) -> Dict[str, Tensor]:
         if batch.terms is None:
-            aux_logits = getattr(batch.model, AUX_ATTRIBUTE)(batch.features) if self.uses_aux_heads else []
+            heads = getattr(batch.model, AUX_ATTRIBUTE) if self.uses_aux_heads else None
+            aux_logits = heads(batch.features) if heads is not None else []
+            probes = None
+            if heads is not None and self.aux_supervision == "probe":  # a second pass: pooling and a linear layer, cheap
+                probes = heads([f.detach() for f in batch.features])
             batch.terms = self.objective.terms(
                 logits,
                 targets,
@@ -433,6 +454,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
                 features=batch.features if self.aux == "features" else (),
                 n_outputs=self._n_outputs(),
                 columns=range(logits.shape[1]) if self.loss == "bce" and self.bce_columns == "all" else None,
+                aux_ce_logits=probes,
             )
         return batch.terms
 
