@@ -8,7 +8,7 @@ Long benchmarks run in pieces (a strategy or a seed at a time, across sessions,
 sometimes at different commits). This checks that the folders ran the same
 protocol (every configuration key but the ones in ``MERGE_INDEPENDENT``), then
 writes what the runner writes: results.json, results.csv, summary.md with the
-paired per-seed differences of every claim in ``benchmarks.strategies.CLAIMS``,
+paired per-seed differences of every claim in ``benchmarks.report.CLAIMS``,
 and the plots. Every run records the folder it came from and its code version.
 
 A strategy that ran twice on one seed, or a folder whose M2KD runs used another
