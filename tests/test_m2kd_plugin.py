@@ -285,3 +285,44 @@ def test_aux_supervision_is_checked():
     with pytest.raises(ValueError, match="needs loss='kl'"):
         M2KDPlugin(loss="bce", aux_supervision="probe")
     assert M2KDPlugin(aux_supervision="probe").config()["aux_supervision"] == "probe"
+
+
+def test_auxiliary_heads_draw_from_their_own_random_stream():
+    """Building and growing the auxiliary heads leaves the global generator
+    where the same model without them leaves it, and their weights still
+    follow the global seed."""
+    bm = synthetic_stream(2)
+    example = batch_of(bm.train_stream[0], 1)[0]
+
+    def grown(layers, seed=3):
+        seed_everything(seed)
+        model = digits_cnn()
+        M2KDPlugin(aux_layers=layers).prepare_model(model, example)
+        avalanche_model_adaptation(model, bm.train_stream[0])
+        avalanche_model_adaptation(model, bm.train_stream[1])  # the main head and the heads grow
+        return model, torch.get_rng_state()
+
+    _, without = grown(())
+    (first, with_heads), (second, _) = grown(("stage1", "stage2")), grown(("stage1", "stage2"))
+    assert torch.equal(with_heads, without)
+    head = "heads.stage1.classifier.classifier.weight"
+    assert first.m2kd_aux.state_dict()[head].shape[0] == max(bm.train_stream[1].classes_in_this_experience) + 1  # grown
+    assert torch.equal(first.m2kd_aux.state_dict()[head], second.m2kd_aux.state_dict()[head])
+    other, _ = grown(("stage1", "stage2"), seed=4)
+    assert not torch.equal(other.m2kd_aux.state_dict()[head], first.m2kd_aux.state_dict()[head])
+
+
+def test_probe_heads_leave_the_first_experience_as_without_heads():
+    """Trained as probes, the auxiliary heads change nothing in the network
+    before a teacher exists: the same data order, the same steps, the same
+    weights as without auxiliary layers (deep supervision does change them)."""
+    bm = synthetic_stream(2)
+    trained = {}
+    for name, kwargs in {"none": {}, "probe": {"aux_supervision": "probe"}, "deep": {}}.items():
+        seed_everything(0)
+        layers = () if name == "none" else ("stage1", "stage2")
+        strategy = make_strategy(M2KDPlugin(aux_layers=layers, **kwargs))
+        strategy.train(bm.train_stream[0])
+        trained[name] = {k: v for k, v in strategy.model.state_dict().items() if not k.startswith("m2kd_aux.")}
+    assert all(torch.equal(trained["probe"][k], v) for k, v in trained["none"].items())
+    assert not all(torch.equal(trained["deep"][k], v) for k, v in trained["none"].items())
