@@ -159,6 +159,19 @@ def test_a_preset_keeps_its_model_and_schedule_when_only_the_data_source_changes
     assert compare.resolve_config(args)["model"] == "resnet32"
 
 
+def test_every_presets_m2kd_options_reach_the_plugin():
+    """A preset's ``m2kd`` field (the packnet ablations') builds the runner's
+    M2KD strategies with exactly those options."""
+    with_options = {n: compare.load_preset(n)["m2kd"] for n in compare.presets() if "m2kd" in compare.load_preset(n)}
+    assert {"cifar100-b0-10-cpu-prune50", "cifar100-b0-10-cpu-finetune5"} <= set(with_options)
+    for name, options in with_options.items():
+        config = compare.load_preset(name)
+        built = build_on_digits_shape("m2kd-icarl", "--preset", name, "--dataset", "digits", "--model", "digits_cnn",
+                                      "--m2kd-store", "packnet")[1].m2kd.config()
+        assert all(built[k] == v for k, v in options.items()), name
+        assert config["n_experiences"] == 10
+
+
 def build_on_digits_shape(name, *argv):
     """The runner's strategy ``name`` for the configuration of ``argv`` (8x8, 10 classes), not trained."""
     from avalanche.training.plugins import EvaluationPlugin
@@ -176,7 +189,8 @@ def test_ablation_strategies_run_only_when_named_and_change_one_option():
     assert "m2kd-icarl" in default and not ABLATIONS & set(default)
     changed = {"m2kd-icarl-noaux": ("m2kd-icarl", "aux_layers", []), "m2kd-bce-noaux": ("m2kd-bce", "aux_layers", []),
                "m2kd-icarl-informed": ("m2kd-icarl", "old_targets", "informed"), "m2kd-bce-informed": ("m2kd-bce", "old_targets", "informed"),
-               "m2kd-bce-icarlhead": ("m2kd-bce", "bce_columns", "all")}
+               "m2kd-bce-icarlhead": ("m2kd-bce", "bce_columns", "all"), "m2kd-last-noaux": ("m2kd-last", "aux_layers", []),
+               "m2kd-probe": ("m2kd", "aux_supervision", "probe"), "m2kd-last-probe": ("m2kd-last", "aux_supervision", "probe")}
     assert set(changed) == ABLATIONS
     for name, (full, key, value) in changed.items():
         plugins = [build_on_digits_shape(n, "--mem-size", "20")[1].m2kd.config() for n in (name, full)]
