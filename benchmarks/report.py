@@ -87,6 +87,9 @@ CLAIMS = [
     ("m2kd-last-noaux", "lwf"),
     ("m2kd-last", "m2kd-last-noaux"),
     ("m2kd-last-probe", "m2kd-last"),
+    ("m2kd-last-ownrng", "m2kd-last-noaux"),  # code from 6c03b71 (auxiliary heads on their own random stream), so named by benchmarks.merge
+    ("m2kd-last-probe-ownrng", "m2kd-last-noaux"),
+    ("m2kd-last-ownrng", "m2kd-last-probe-ownrng"),
     ("m2kd-probe", "m2kd"),
     ("m2kd-icarl", "icarl"),
     ("m2kd-icarl", "m2kd-icarl-last"),
