@@ -162,14 +162,13 @@ def test_a_preset_keeps_its_model_and_schedule_when_only_the_data_source_changes
 def test_every_presets_m2kd_options_reach_the_plugin():
     """A preset's ``m2kd`` field (the packnet ablations') builds the runner's
     M2KD strategies with exactly those options."""
-    with_options = {n: compare.load_preset(n)["m2kd"] for n in compare.presets() if "m2kd" in compare.load_preset(n)}
+    with_options = {n: preset for n in compare.presets() if "m2kd" in (preset := compare.load_preset(n))}
     assert {"cifar100-b0-10-cpu-prune50", "cifar100-b0-10-cpu-finetune5"} <= set(with_options)
-    for name, options in with_options.items():
-        config = compare.load_preset(name)
+    for name, preset in with_options.items():
         built = build_on_digits_shape("m2kd-icarl", "--preset", name, "--dataset", "digits", "--model", "digits_cnn",
                                       "--m2kd-store", "packnet")[1].m2kd.config()
-        assert all(built[k] == v for k, v in options.items()), name
-        assert config["n_experiences"] == 10
+        assert all(built[k] == v for k, v in preset["m2kd"].items()), name
+        assert preset["n_experiences"] == 10
 
 
 def build_on_digits_shape(name, *argv):
