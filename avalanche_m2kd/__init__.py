@@ -5,7 +5,7 @@ from . import checkpoint, datasets, device_data, distributed, exemplars, losses,
 from .device_data import DeviceDataPlugin, random_crop_flip
 from .losses import M2KDLoss
 from .models import EDStudent
-from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin, RoutedDistillationPlugin
+from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin, PairedStreamPlugin, RoutedDistillationPlugin
 from .precision import MixedPrecisionPlugin
 from .snapshots import (
     FullSnapshotStore,
@@ -32,6 +32,7 @@ __all__ = [
     "MixedPrecisionPlugin",
     "NMEClassifierPlugin",
     "PackNetSnapshotStore",
+    "PairedStreamPlugin",
     "RoutedDistillationPlugin",
     "SnapshotStore",
     "SparseSnapshotStore",

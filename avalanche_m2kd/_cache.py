@@ -7,6 +7,8 @@ from typing import Literal
 
 import torch
 
+from ._random import global_random_untouched
+
 CacheMode = Literal["auto", "exact", "off"]
 MIN_HIT_RATE = 0.5
 """Below this share of recurring inputs in an epoch after the first, the
@@ -15,15 +17,18 @@ inputs are evidently not repeating (a random transform went unnoticed)."""
 
 def transform_is_deterministic(dataset, samples: int = 32) -> bool:
     """Whether ``dataset`` (in its training transforms) gives bit-identical
-    items when read twice: ``samples`` items spread over it, each read twice."""
+    items when read twice: ``samples`` items spread over it, each read twice.
+    The reads leave the global random generators as they were: a random
+    transform draws, and the run's data order and augmentation must not move."""
     data = dataset.train() if hasattr(dataset, "train") else dataset
     n = len(data)
     if n == 0:
         return True
-    for i in torch.linspace(0, n - 1, min(samples, n)).long().tolist():
-        a, b = data[i][0], data[i][0]
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)):
-            return False
+    with global_random_untouched():
+        for i in torch.linspace(0, n - 1, min(samples, n)).long().tolist():
+            a, b = data[i][0], data[i][0]
+            if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)):
+                return False
     return True
 
 

@@ -409,6 +409,7 @@ def _register_builtin_handlers() -> None:
     from .plugins.kd import RoutedDistillationPlugin
     from .plugins.m2kd import M2KDPlugin
     from .plugins.nme import NMEClassifierPlugin
+    from .plugins.paired_stream import PairedStreamPlugin
     from .precision import MixedPrecisionPlugin
 
     for cls in (Clock, PeriodicEval, DataParallelSync, DeviceDataPlugin, RoutedDistillationPlugin):  # teachers are given  # configuration only; the clock is restored with the strategy
@@ -558,6 +559,12 @@ def _register_builtin_handlers() -> None:
         lambda p, s: {"scaler": None if p.scaler is None else p.scaler.state_dict()},
         precision_load,
     )
+
+    def paired_load(p, state, c):
+        if state["seed"] != p.seed:
+            raise CheckpointError(f"the checkpoint's runs were paired on seed {state['seed']}, this strategy on {p.seed}")
+
+    register_plugin_state(PairedStreamPlugin, lambda p, s: {"seed": p.seed}, paired_load)
 
     # The evaluator: IncrementalMetrics' counts (other metrics restart).
     def evaluator_save(p, strategy):

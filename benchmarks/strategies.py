@@ -12,7 +12,7 @@ from avalanche.training.plugins import EvaluationPlugin, LRSchedulerPlugin
 from avalanche.training.supervised import Cumulative
 from torch import nn
 
-from avalanche_m2kd import M2KD, EducationDistillation, models
+from avalanche_m2kd import M2KD, EducationDistillation, PairedStreamPlugin, models
 from avalanche_m2kd.exemplars import ExemplarReplay, class_balanced_buffer
 from avalanche_m2kd.precision import MixedPrecisionPlugin
 
@@ -29,6 +29,7 @@ class Setup:
     buffer_transform: Optional[Callable] = None  # augmentation for iCaRL's stored (eval-transformed) exemplars
     first_plugins: tuple = ()  # run before every other plugin (multi-process synchronisation)
     last_plugins: tuple = ()  # run after every other plugin (the device-data loader replaces the strategy's)
+    seed: int = 0  # every epoch's data order and augmentation (PairedStreamPlugin)
 
 
 ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
@@ -52,7 +53,7 @@ def make_optimizer(params, name: str, config: dict) -> torch.optim.Optimizer:
 
 def _plugins(optimizer, setup: "Setup", replay: bool) -> List:
     config = setup.config
-    plugins: List = list(setup.first_plugins)
+    plugins: List = [*setup.first_plugins, PairedStreamPlugin(setup.seed)]
     if config.get("precision", "fp32") != "fp32":  # first: autocast covers the teacher passes other plugins make
         plugins.append(MixedPrecisionPlugin(config["precision"]))
     if config["milestones"]:

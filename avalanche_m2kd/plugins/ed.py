@@ -22,6 +22,7 @@ from .._experience import (
     check_stream,
     experience_index,
 )
+from .._random import own_random_stream
 from ..distributed import broadcast_module
 from ..losses import SampleDistillation, TeacherOutput, sample_distillation
 from ..precision import Precision, check_precision, scaler_skips_non_finite
@@ -61,6 +62,9 @@ def default_teacher_scheduler(optimizer: torch.optim.Optimizer, epochs: int) -> 
     """ED's step schedule [code], stepped once per teacher epoch: x0.1 at
     :func:`teacher_milestones`."""
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, teacher_milestones(epochs), gamma=0.1)
+
+
+_TEACHER_STREAM = 0x65647463  # salt of the stage teachers' own random stream (see _random)
 
 
 class StageSequentialLoader:
@@ -273,7 +277,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
         s = self.stage
         if self.alpha < 1.0:
             if self.teacher_factory is not None and len(self.teachers) == s:
-                self.teachers.append(self._train_teacher(strategy))
+                with own_random_stream(_TEACHER_STREAM + s):  # the student's data stream stays paired with other methods
+                    self.teachers.append(self._train_teacher(strategy))
             self._check_teacher_width(strategy, self.teachers[s])
             cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset)
             self._teacher_set = TeacherSet(

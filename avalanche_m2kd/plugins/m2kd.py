@@ -24,6 +24,7 @@ from .._experience import (
     check_stream,
     stream_class_count,
 )
+from .._random import own_generator, own_random_stream
 from ..distributed import average_batchnorm_statistics
 from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights, route_unseen_rows
 from ..precision import Precision, check_precision, scaler_skips_non_finite
@@ -32,6 +33,10 @@ from ..taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads, resolve_m
 from ..teachers import GroupTeacher, TeacherInference, TeacherSet, check_inference, draw_teachers
 
 TeacherMode = Literal["all", "last"]
+
+
+_TEACHER_DRAWS = 0x74647277  # salts of the plugin's own random streams (see _random)
+_FINETUNE_STREAM = 0x706B6674
 
 
 @dataclass
@@ -278,6 +283,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         """Unweighted loss terms of the last training iteration (detached)."""
         self._stream_classes: Optional[int] = None
         self._teacher_set: Optional[TeacherSet] = None
+        self._draws: Optional[torch.Generator] = None
         self._newest_set: Optional[TeacherSet] = None  # old_targets="informed": the newest snapshot over all old classes
         self._taps: Optional[FeatureTaps] = None
         self._taps_model: Optional[nn.Module] = None
@@ -419,7 +425,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         if teacher_set is None:
             return [], [], []
         groups = teacher_set.groups
-        chosen, weights = draw_teachers(group_weights(groups), self.teachers_per_batch)
+        chosen, weights = draw_teachers(group_weights(groups), self.teachers_per_batch, self._draws)
         outputs, chosen_groups = teacher_set.run_all(x, chosen), [groups[j] for j in chosen]
         if newest_set is not None:
             outputs = route_unseen_rows(outputs, chosen_groups, newest_set.run(0, x), y)
@@ -523,6 +529,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         )
         self._teacher_set = self.build_teachers(strategy.device, cache=cache)
         self._newest_set = self._build_newest(self._teacher_set, strategy.device)
+        # teachers_per_batch: sampled on a generator of its own, so the data stream stays paired
+        self._draws = own_generator(_TEACHER_DRAWS) if self.teachers_per_batch is not None else None
         self._checked_this_experience = False
         self._nonfinite = {}
 
@@ -604,9 +612,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         store.begin_finetune()
         strategy.model.train()
         try:
-            for _ in range(self.post_prune_epochs):
-                strategy.training_epoch()
-                check_nonfinite_flags("M2KDPlugin", self._nonfinite, strategy.experience)
+            with own_random_stream(_FINETUNE_STREAM):  # its batches leave the run's data stream where full snapshots leave it
+                for _ in range(self.post_prune_epochs):
+                    strategy.training_epoch()
+                    check_nonfinite_flags("M2KDPlugin", self._nonfinite, strategy.experience)
         finally:
             store.end_finetune()
             for group, lr in zip(optimizer.param_groups, saved):
