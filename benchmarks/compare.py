@@ -44,11 +44,51 @@ def presets() -> dict:
     return {p.stem: p for p in sorted(PRESET_DIR.glob("*.json"))}
 
 
+PRESET_FIELDS = {
+    "description": (str,), "dataset": (str,), "n_experiences": (int,), "class_order": (str,), "model": (str, type(None)),
+    "epochs": (int,), "batch_size": (int,), "optimizer": (str,), "lr": (int, float), "momentum": (int, float),
+    "weight_decay": (int, float), "milestones": (list,), "gamma": (int, float), "mem_size": (int,), "augment": (bool,),
+    "train_per_class": (int, type(None)), "test_per_class": (int, type(None)), "seeds": (list,),
+    "lr_sigmoid": (int, float, type(None)), "precision": (str,),
+}
+"""A preset's required fields and their JSON types."""
+PRESET_OPTIONAL = {"m2kd": (dict,), "data_root": (str, type(None))}
+
+
 def load_preset(name: str) -> dict:
+    """A built-in preset by name, or a user's JSON file in the same format
+    (``--preset my_protocol.json``), checked field by field."""
     table = presets()
-    if name not in table:
-        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
-    return read_json(table[name], "preset")
+    if name in table:
+        return read_json(table[name], "preset")
+    path = Path(name)
+    if not (name.endswith(".json") or path.is_file()):
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(table)}, or give the path of a .json file")
+    if not path.is_file():
+        raise UsageError(f"preset file {name} does not exist; give the path of a .json preset (see --list for the built-in ones)")
+    return check_preset(read_json(path, "preset"), name)
+
+
+def check_preset(preset, where: str) -> dict:
+    """Every field a preset needs, with its JSON type; unknown fields refused."""
+    if not isinstance(preset, dict):
+        raise UsageError(f"preset {where} must hold a JSON object, not {type(preset).__name__}")
+    fields = {**PRESET_FIELDS, **PRESET_OPTIONAL}
+    missing = [k for k in PRESET_FIELDS if k not in preset]
+    if missing:
+        raise UsageError(f"preset {where} lacks {', '.join(missing)}; copy a built-in preset (benchmarks/presets) and edit it")
+    for key, value in preset.items():
+        if key not in fields:
+            raise UsageError(f"preset {where}: unknown field {key!r}; the fields are {', '.join(fields)}")
+        types = fields[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise UsageError(f"preset {where}: {key} must be {names}, got {value!r}")
+    if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m < preset["epochs"] for m in preset["milestones"]):
+        raise UsageError(f"preset {where}: milestones must be epochs between 1 and {preset['epochs'] - 1}, got {preset['milestones']}")
+    if not preset["seeds"] or not all(isinstance(s, int) and not isinstance(s, bool) for s in preset["seeds"]):
+        raise UsageError(f"preset {where}: seeds must be a non-empty list of integers, got {preset['seeds']}")
+    return preset
 
 
 def parse_names(text: Optional[str], known: List[str], what: str, default: Optional[List[str]] = None) -> List[str]:
@@ -72,7 +112,8 @@ def parse_seeds(text: str) -> List[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default=DEFAULT_PRESET, help=f"named protocol in benchmarks/presets (default {DEFAULT_PRESET})")
+    p.add_argument("--preset", default=DEFAULT_PRESET,
+                   help=f"a protocol of benchmarks/presets by name (default {DEFAULT_PRESET}, see --list) or the path of a JSON file in their format")
     p.add_argument("--dataset", help="digits, fmnist, cifar10, cifar100, npz:PATH or imagefolder:ROOT")
     p.add_argument("--data-root", help="folder holding the data set files")
     p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
@@ -265,10 +306,10 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
     first = (DataParallelSync(),) if is_distributed() else ()
     setup = Setup(
         config, data.n_classes, data.input_shape, config["device"], evaluator, augmentation.buffer_transform, first,
-        augmentation.last_plugins(),
+        augmentation.last_plugins(), seed,
     )
     strategy = build_strategy(name, setup)
-    start, elapsed = 0, 0.0
+    start, elapsed, per_experience = 0, 0.0, []
     experiences = list(benchmark.train_stream)
     meta = checkpoint_meta(name, seed, config)
     try:
@@ -276,7 +317,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
             check_can_save(strategy)
         if ckpt is not None and ckpt.resume:
             start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
-            elapsed = ckpt.elapsed()
+            elapsed, per_experience = ckpt.elapsed(), ckpt.experience_times()[:start]
             progress.update(start)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
@@ -285,10 +326,12 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         began = time.perf_counter()
         strategy.train(experiences[index], num_workers=0)
         strategy.eval(benchmark.test_stream, num_workers=0)
-        elapsed += time.perf_counter() - began
+        per_experience.append(time.perf_counter() - began)
+        elapsed += per_experience[-1]
         progress.update(1)
         if ckpt is not None:
-            ckpt.save(strategy, elapsed, lambda strategy, path: save_checkpoint(strategy, path, meta))
+            so_far = {"experience_s": per_experience, "accuracy_matrix": metric.matrix().tolist(), "test_sizes": metric.sizes()}
+            ckpt.save(strategy, elapsed, lambda strategy, path: save_checkpoint(strategy, path, meta), so_far)
             if ckpt.should_stop():
                 raise Stopped()
     matrix, sizes = metric.matrix(), metric.sizes()
@@ -300,6 +343,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         "test_sizes": sizes,
         "metrics": summarize(matrix, sizes),
         "wall_time_s": elapsed,
+        "experience_s": per_experience,
         "snapshot_bytes": snapshot_bytes(strategy),
     }
     if is_distributed():
@@ -336,17 +380,27 @@ class RunCheckpoint:
         self.stop_after = stop_after
         self.counter = counter  # experiences trained by this invocation, shared by all runs
 
-    def elapsed(self) -> float:
-        return read_json(self.side, "checkpoint side file")["elapsed_s"] if self.side.is_file() else 0.0
+    def _side(self) -> dict:
+        return read_json(self.side, "checkpoint side file") if self.side.is_file() else {}
 
-    def save(self, strategy, elapsed: float, save_checkpoint) -> None:
+    def elapsed(self) -> float:
+        return float(self._side().get("elapsed_s", 0.0))
+
+    def experience_times(self) -> List[float]:
+        """Seconds each experience trained so far took (empty for side files written before they were kept)."""
+        return list(self._side().get("experience_s", []))
+
+    def save(self, strategy, elapsed: float, save_checkpoint, so_far: Optional[dict] = None) -> None:
+        """The checkpoint, and beside it the time spent and what the run has
+        measured so far (the accuracy matrix's rows, seconds per experience):
+        a run stopped by ``--stop-after`` can be read without resuming it."""
         from avalanche.distributed import DistributedHelper
 
         from benchmarks.report import write_atomic
 
         if DistributedHelper.is_main_process:
             save_checkpoint(strategy, self.path)
-            write_atomic(self.side, json.dumps({"elapsed_s": elapsed}))
+            write_atomic(self.side, json.dumps({"elapsed_s": elapsed, **(so_far or {})}))
         DistributedHelper.barrier()
         self.counter[0] += 1
 
@@ -440,7 +494,7 @@ def print_list() -> int:
     return 0
 
 
-CHECKPOINT_INDEPENDENT = ("seeds", "strategies", "device", "data_root", "download")
+CHECKPOINT_INDEPENDENT = ("seeds", "strategies", "device", "data_root", "download", "preset", "description")
 """Configuration keys that may differ between a checkpoint and its resumption."""
 
 
