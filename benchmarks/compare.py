@@ -309,7 +309,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         augmentation.last_plugins(), seed,
     )
     strategy = build_strategy(name, setup)
-    start, elapsed, per_experience = 0, 0.0, []
+    start, elapsed, per_experience, cpu_per_experience = 0, 0.0, [], []
     experiences = list(benchmark.train_stream)
     meta = checkpoint_meta(name, seed, config)
     try:
@@ -317,20 +317,22 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
             check_can_save(strategy)
         if ckpt is not None and ckpt.resume:
             start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
-            elapsed, per_experience = ckpt.elapsed(), ckpt.experience_times()[:start]
+            elapsed = ckpt.elapsed()
+            per_experience, cpu_per_experience = ckpt.experience_times("experience_s")[:start], ckpt.experience_times("experience_cpu_s")[:start]
             progress.update(start)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     metric = next(m for m in strategy.evaluator.metrics if isinstance(m, IncrementalMetrics))
     for index in range(start, len(experiences)):
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         strategy.train(experiences[index], num_workers=0)
         strategy.eval(benchmark.test_stream, num_workers=0)
         per_experience.append(time.perf_counter() - began)
+        cpu_per_experience.append(time.process_time() - began_cpu)  # this process's CPU time: steady while neighbours run
         elapsed += per_experience[-1]
         progress.update(1)
         if ckpt is not None:
-            so_far = {"experience_s": per_experience, "accuracy_matrix": metric.matrix().tolist(), "test_sizes": metric.sizes()}
+            so_far = {"experience_s": per_experience, "experience_cpu_s": cpu_per_experience, "accuracy_matrix": metric.matrix().tolist(), "test_sizes": metric.sizes()}
             ckpt.save(strategy, elapsed, lambda strategy, path: save_checkpoint(strategy, path, meta), so_far)
             if ckpt.should_stop():
                 raise Stopped()
@@ -344,6 +346,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         "metrics": summarize(matrix, sizes),
         "wall_time_s": elapsed,
         "experience_s": per_experience,
+        "experience_cpu_s": cpu_per_experience,
         "snapshot_bytes": snapshot_bytes(strategy),
     }
     if is_distributed():
@@ -386,9 +389,10 @@ class RunCheckpoint:
     def elapsed(self) -> float:
         return float(self._side().get("elapsed_s", 0.0))
 
-    def experience_times(self) -> List[float]:
-        """Seconds each experience trained so far took (empty for side files written before they were kept)."""
-        return list(self._side().get("experience_s", []))
+    def experience_times(self, key: str) -> List[float]:
+        """Seconds (``experience_s``: wall, ``experience_cpu_s``: CPU) each
+        experience trained so far took; empty for side files that predate them."""
+        return list(self._side().get(key, []))
 
     def save(self, strategy, elapsed: float, save_checkpoint, so_far: Optional[dict] = None) -> None:
         """The checkpoint, and beside it the time spent and what the run has
