@@ -8,6 +8,10 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
+# Tests: one torch thread per process and TEST_JOBS pytest workers (a file's
+# tests stay on one worker, sharing its fixtures).
+TEST_JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_JOBS) --dist loadfile
 
 .PHONY: venv demo test test-kernels test-gpu clean
 
@@ -24,12 +28,13 @@ demo: $(STAMP)
 	$(PY) -m benchmarks.compare --out results/demo $(DEMO_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
-# The tests that train models, again with torch's AVX2 kernels: another CPU
-# picks other float kernels, and nothing may depend on which (CI runs this too).
+# The tests that train models (those that stepped an optimizer in the last
+# `make test`; every test on a fresh clone), again with torch's AVX2 kernels:
+# another CPU picks other float kernels, and nothing may depend on which.
 test-kernels: $(STAMP)
-	ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -m "training and not slow"
+	ATEN_CPU_CAPABILITY=avx2 $(PYTEST) -m "training and not slow and not gpu"
 
 # On a machine with CUDA: training iterations must not synchronise with the host.
 test-gpu: $(STAMP)

@@ -138,7 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="folder for per-run checkpoints, written after every experience")
     p.add_argument("--resume", action="store_true", help="continue an interrupted invocation (same --out and --checkpoint), or add runs to --out")
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
-    p.add_argument("--stop-after", type=int, help="stop after training this many experiences (checkpoint kept; see --resume)")
+    p.add_argument("--stop-after", type=int, help="stop each run after it trained this many experiences (checkpoint kept; see --resume)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (strategy, seed) trained at once, each in its own process with its own checkpoint (default 1)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads in all, shared by the jobs (default: torch's, i.e. OMP_NUM_THREADS or every core)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -195,6 +199,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config["mem_size"] < 0:
         raise UsageError(f"--mem-size must be >= 0, got {config['mem_size']}")
+    for option, value in (("--jobs", args.jobs), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be >= 1, got {value}")
+    if args.jobs > 1 and "LOCAL_RANK" in os.environ:
+        raise UsageError("--jobs does not combine with torchrun (each process already trains a share of every batch); drop --jobs")
     if args.stop_after is not None and args.stop_after < 1:
         raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.stop_after is not None and not args.checkpoint:
@@ -376,12 +385,12 @@ class RunCheckpoint:
     the main process writes. ``--stop-after`` counts experiences trained by
     this invocation."""
 
-    def __init__(self, folder: Path, name: str, seed: int, resume: bool, stop_after: Optional[int], counter: list):
+    def __init__(self, folder: Path, name: str, seed: int, resume: bool, stop_after: Optional[int]):
         self.path = folder / f"{name}-seed{seed}.ckpt"
         self.side = folder / f"{name}-seed{seed}.json"
         self.resume = resume and self.path.is_file()
         self.stop_after = stop_after
-        self.counter = counter  # experiences trained by this invocation, shared by all runs
+        self.trained = 0  # experiences this run trained in this invocation
 
     def _side(self) -> dict:
         return read_json(self.side, "checkpoint side file") if self.side.is_file() else {}
@@ -406,10 +415,10 @@ class RunCheckpoint:
             save_checkpoint(strategy, self.path)
             write_atomic(self.side, json.dumps({"elapsed_s": elapsed, **(so_far or {})}))
         DistributedHelper.barrier()
-        self.counter[0] += 1
+        self.trained += 1
 
     def should_stop(self) -> bool:
-        return self.stop_after is not None and self.counter[0] >= self.stop_after
+        return self.stop_after is not None and self.trained >= self.stop_after
 
 
 def code_version() -> Optional[str]:
@@ -630,30 +639,22 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
 
     done = {(r["strategy"], r["seed"]) for r in document["runs"]}
     todo = [(seed, name) for seed in config["seeds"] for name in config["strategies"] if (name, seed) not in done]
+    rank = {(name, seed): i for i, (seed, name) in enumerate((s, n) for s in config["seeds"] for n in config["strategies"])}
+
+    def finished(run: dict) -> None:  # kept in the invocation's order, whichever job ends first
+        document["runs"].append(run)
+        document["runs"].sort(key=lambda r: rank.get((r["strategy"], r["seed"]), -1))
+        write(plots=False)
+
     progress = tqdm(total=len(todo) * config["n_experiences"], disable=quiet, unit="exp", dynamic_ncols=True)
-    trained = [0]
+    tasks = RunTasks(config, folder, args.resume, args.stop_after)
     try:
-        for seed, name in todo:
-            progress.set_description(f"{name} seed {seed}")
-            ckpt = RunCheckpoint(folder, name, seed, args.resume, args.stop_after, trained) if folder else None
-            try:
-                document["runs"].append(run_one(name, seed, config, data, benchmark, augmentation, progress, ckpt))
-            except (KeyboardInterrupt, UsageError, Stopped):
-                raise
-            except Exception as err:
-                if args.debug:
-                    raise
-                write(plots=True)
-                print(f"{PROG}: error: {name} seed {seed} failed: {type(err).__name__}: {err} "
-                      f"({len(document['runs'])} finished runs kept in {out})", file=sys.stderr)
-                return 1
-            write(plots=False)
-    except Stopped:
-        progress.close()
-        write(plots=True)
-        if main_process:
-            print(f"stopped after {trained[0]} experiences as asked; continue with the same command plus --resume")
-        return 0
+        if args.jobs > 1 and len(todo) > 1:
+            del data, benchmark  # each worker loads its own copy
+            outcome = run_in_workers(todo, tasks, min(args.jobs, len(todo)), args.threads, progress, finished)
+        else:
+            torch_threads(args.threads)
+            outcome = run_here(todo, tasks, (data, benchmark, augmentation), progress, finished)
     except KeyboardInterrupt as stop:
         progress.close()
         write(plots=True)
@@ -663,10 +664,156 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         return 143 if isinstance(stop, Terminated) else 130
     progress.close()
     write(plots=True)
+    if outcome.usage_error:
+        raise UsageError(outcome.usage_error)
+    if outcome.failed:
+        if args.debug and outcome.exception is not None:
+            raise outcome.exception
+        print(f"{PROG}: error: {outcome.failed} ({len(document['runs'])} finished runs kept in {out})", file=sys.stderr)
+        return 1
+    if outcome.stopped:
+        if main_process:
+            print(f"stopped {outcome.stopped} run(s) after {args.stop_after} experience(s) each, as asked; "
+                  "continue with the same command plus --resume")
+        return 0
     if main_process:
         print((out / "summary.md").read_text())
         print(f"results in {out}/ (results.json, results.csv, summary.md" + ("" if args.no_plots else ", *.png") + ")")
     return 0
+
+
+def torch_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class RunTasks:
+    """What every run of one invocation shares besides its data: the
+    configuration and the checkpoint options (sent to worker processes)."""
+
+    config: dict
+    folder: Optional[Path]
+    resume: bool
+    stop_after: Optional[int]
+
+    def run(self, name: str, seed: int, loaded, progress) -> dict:
+        ckpt = RunCheckpoint(self.folder, name, seed, self.resume, self.stop_after) if self.folder else None
+        return run_one(name, seed, self.config, *loaded, progress, ckpt)
+
+
+@dataclass
+class Outcome:
+    """How the runs of one invocation ended (besides the finished ones)."""
+
+    stopped: int = 0  # runs stopped by --stop-after, resumable
+    failed: Optional[str] = None  # the first run that raised, and why
+    usage_error: Optional[str] = None  # a run refused its checkpoint or configuration
+    exception: Optional[BaseException] = None  # for --debug (in this process only)
+
+
+def run_here(todo, tasks: RunTasks, loaded, progress, finished) -> Outcome:
+    """The runs one after another in this process."""
+    outcome = Outcome()
+    for seed, name in todo:
+        progress.set_description(f"{name} seed {seed}")
+        try:
+            finished(tasks.run(name, seed, loaded, progress))
+        except Stopped:
+            outcome.stopped += 1
+        except UsageError as err:
+            outcome.usage_error = str(err)
+            return outcome
+        except Exception as err:  # noqa: BLE001 - reported in one line, the finished runs kept
+            outcome.failed, outcome.exception = f"{name} seed {seed} failed: {type(err).__name__}: {err}", err
+            return outcome
+    return outcome
+
+
+# -- worker processes (--jobs) ------------------------------------------------------------
+_WORKER: dict = {}
+
+
+class _QueueProgress:
+    """A worker's progress bar: experiences done, sent to the main process."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def update(self, n: int = 1) -> None:
+        if n:
+            self.queue.put(n)
+
+    def set_description(self, text: str) -> None:
+        pass
+
+
+def _worker_init(tasks: RunTasks, threads: int, queue) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops the workers
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    torch_threads(threads)
+    _WORKER.update(tasks=tasks, queue=queue)
+
+
+def _worker_run(name: str, seed: int):
+    """One run in a worker: ("run", result), ("stopped",), ("usage", message) or ("error", message)."""
+    if "loaded" not in _WORKER:  # once per worker: the data and the stream
+        data, benchmark, _, augmentation = prepare_data(_WORKER["tasks"].config)
+        _WORKER["loaded"] = (data, benchmark, augmentation)
+    try:
+        return ("run", _WORKER["tasks"].run(name, seed, _WORKER["loaded"], _QueueProgress(_WORKER["queue"])))
+    except Stopped:
+        return ("stopped",)
+    except UsageError as err:
+        return ("usage", str(err))
+    except Exception as err:  # noqa: BLE001 - sent to the main process as one line
+        return ("error", f"{name} seed {seed} failed: {type(err).__name__}: {err}")
+
+
+def run_in_workers(todo, tasks: RunTasks, jobs: int, threads: Optional[int], progress, finished) -> Outcome:
+    """The runs spread over ``jobs`` worker processes, each with
+    ``threads // jobs`` torch threads (at least one) and its own copy of the
+    data; each run keeps its own checkpoint, so a resumed invocation may use
+    another number of jobs. Results arrive in the main process, which alone
+    writes ``--out``."""
+    import multiprocessing
+    import queue as queues
+
+    import torch
+
+    per_job = max(1, (threads or torch.get_num_threads()) // jobs)
+    context = multiprocessing.get_context("spawn")  # torch's threads do not survive a fork
+    messages = context.Queue()
+    outcome = Outcome()
+    pool = context.Pool(jobs, initializer=_worker_init, initargs=(tasks, per_job, messages))
+    try:
+        pending = [pool.apply_async(_worker_run, (name, seed)) for seed, name in todo]
+        progress.set_description(f"{len(todo)} runs in {jobs} jobs")
+        while pending:
+            try:
+                progress.update(messages.get(timeout=0.5))
+            except queues.Empty:
+                pass
+            for result in [r for r in pending if r.ready()]:
+                pending.remove(result)
+                kind, *value = result.get()
+                if kind == "run":
+                    finished(value[0])
+                elif kind == "stopped":
+                    outcome.stopped += 1
+                elif outcome.usage_error is None and outcome.failed is None:  # the first problem is reported
+                    setattr(outcome, "usage_error" if kind == "usage" else "failed", value[0])
+                    pool.terminate()  # the other runs keep their checkpoints
+                    return outcome
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+    return outcome
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def _split_run(tmp_path, name, config, data, benchmark, augmentation, after=2):
     from benchmarks.compare import RunCheckpoint, Stopped
 
     with pytest.raises(Stopped):
-        _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, False, after, [0]))
-    return _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, True, None, [0]))
+        _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, False, after))
+    return _run(name, config, data, benchmark, augmentation, RunCheckpoint(tmp_path, name, 0, True, None))
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_a_checkpoint_holds_only_tensors_and_plain_values(tmp_path):
 
     config, data, benchmark, augmentation = _setup()
     with pytest.raises(Stopped):
-        _run("m2kd-icarl", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "m2kd-icarl", 0, False, 1, [0]))
+        _run("m2kd-icarl", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "m2kd-icarl", 0, False, 1))
     path = tmp_path / "m2kd-icarl-seed0.ckpt"
     state = torch.load(path, weights_only=True)  # raises on anything but tensors and plain data
     assert state["format"] == checkpoint.FORMAT
@@ -202,10 +202,10 @@ def test_a_resumed_run_counts_the_time_and_progress_before_the_stop(tmp_path):
 
     config, data, benchmark, augmentation = _setup()
     with pytest.raises(Stopped):
-        _run("naive", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "naive", 0, False, 2, [0]))
+        _run("naive", config, data, benchmark, augmentation, RunCheckpoint(tmp_path, "naive", 0, False, 2))
     side = tmp_path / "naive-seed0.json"
     assert 0 < json.loads(side.read_text())["elapsed_s"] < 1000
     side.write_text(json.dumps({"elapsed_s": 1000.0}))  # as if the first part had run for 1000 s
-    resumed = run_one("naive", 0, config, data, benchmark, augmentation, Progress(), RunCheckpoint(tmp_path, "naive", 0, True, None, [0]))
+    resumed = run_one("naive", 0, config, data, benchmark, augmentation, Progress(), RunCheckpoint(tmp_path, "naive", 0, True, None))
     assert 1000.0 < resumed["wall_time_s"] < 1000.0 + 600
     assert Progress.steps == [2, 1, 1]  # the two experiences already done, then the two trained now

@@ -14,7 +14,6 @@ from avalanche_m2kd._cache import transform_is_deterministic
 from benchmarks.strategies import ABLATIONS, NEEDS_MEMORY, STRATEGIES, Setup, build_strategy
 from helpers import quiet_evaluator, synthetic_stream
 
-pytestmark = pytest.mark.training
 
 
 def _digest(t: torch.Tensor) -> str:
