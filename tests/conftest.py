@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config, items):
     """Derived, not listed: a test is ``training`` if it stepped an optimizer
     in the last full run (the cache); with no such record (a fresh clone),
     every test counts, so nothing that trains is left out."""
-    trained = config.cache.get(TRAINED_KEY, None) if config.cache is not None else None
+    trained = config.cache.get(TRAINED_KEY, None) if getattr(config, "cache", None) is not None else None
     for item in items:
         if trained is None or item.nodeid in trained:
             item.add_marker(pytest.mark.training)
@@ -81,7 +81,7 @@ def pytest_configure(config):
 
 def pytest_sessionfinish(session, exitstatus):
     recorder = getattr(session.config, "_m2kd_trained", None)
-    if recorder is None or session.config.cache is None or not recorder.seen:
+    if recorder is None or getattr(session.config, "cache", None) is None or not recorder.seen:
         return
     previous = set(session.config.cache.get(TRAINED_KEY, []))
     # tests not run this time keep their old verdict; the ones run are re-decided

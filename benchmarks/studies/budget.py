@@ -1,0 +1,117 @@
+"""How many epochs per step the CPU evidence needs: accuracy after the first
+steps of CIFAR-100 B0-10 against the budget, next to the protocol's 70 epochs.
+
+Each budget is one runner invocation per strategy stopped after ``--steps``
+experiences (their checkpoint folders hold what was measured, see
+``RunCheckpoint``); this module reads them back and writes the table:
+
+    python -m benchmarks.compare --preset benchmarks/studies/budget/cifar100-b0-10-e30.json \\
+        --dataset npz:DIR/cifar100.npz --strategies icarl --seeds 0 \\
+        --out runs/budget/e30-icarl/out --checkpoint runs/budget/e30-icarl/ck --stop-after 3
+    python -m benchmarks.studies.budget runs/budget/*/ck --out docs/results/budget-b0-10
+
+The chosen budget is the smallest whose every measured step comes within
+``--tolerance`` points (default 4) of the protocol's (the largest budget
+measured) for every strategy."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from avalanche_m2kd.metrics import seen_class_accuracy
+from benchmarks.report import write_benchmark
+
+PROG = "python -m benchmarks.studies.budget"
+
+
+def read_run(folder: Path) -> List[dict]:
+    """The runs of one checkpoint folder: strategy, seed, epochs and, per
+    experience trained so far, the accuracy on the classes seen and the
+    seconds (wall and CPU) it took."""
+    config = json.loads((folder / "config.json").read_text())
+    found = []
+    for side in sorted(folder.glob("*-seed*.json")):
+        strategy, seed = side.stem.rsplit("-seed", 1)
+        state = json.loads(side.read_text())
+        if "accuracy_matrix" not in state:
+            raise ValueError(f"{side} predates the accuracy rows in side files; rerun that budget")
+        rows = state["accuracy_matrix"]
+        accuracy = seen_class_accuracy([r[: len(rows)] for r in rows], state["test_sizes"][: len(rows)])
+        found.append({
+            "strategy": strategy, "seed": int(seed), "epochs": config["epochs"], "milestones": config["milestones"],
+            "precision": config["precision"], "accuracy": [float(a) for a in accuracy],
+            "cpu_s": state.get("experience_cpu_s", []), "wall_s": state.get("experience_s", []),
+        })
+    return found
+
+
+def choose(runs: List[dict], steps: int, tolerance: float) -> Dict[str, Optional[int]]:
+    """Per strategy and overall: the smallest budget whose first ``steps``
+    accuracies are all within ``tolerance`` points of the largest budget's."""
+    by_strategy: Dict[str, Dict[int, dict]] = {}
+    for r in runs:
+        if len(r["accuracy"]) >= steps:
+            by_strategy.setdefault(r["strategy"], {})[r["epochs"]] = r
+    chosen: Dict[str, Optional[int]] = {}
+    for strategy, table in by_strategy.items():
+        reference = table[max(table)]["accuracy"][:steps]
+        ok = [e for e, r in sorted(table.items()) if all(ref - a <= tolerance / 100 for a, ref in zip(r["accuracy"][:steps], reference))]
+        chosen[strategy] = ok[0] if ok else None
+    picks = list(chosen.values())
+    chosen["all"] = None if not picks or None in picks else max(picks)
+    return chosen
+
+
+def markdown(runs: List[dict], steps: int, chosen: Dict[str, Optional[int]], tolerance: float) -> str:
+    lines = [
+        "# Budget per step against the protocol (CIFAR-100 B0-10, seed 0)",
+        "",
+        f"Accuracy on the classes seen after steps 1-{steps}; minutes of one core per step (CPU time). "
+        f"Milestones at 0.7 and 0.9 of the epochs, lr x0.2 at each.",
+        "",
+        "| strategy | epochs | milestones | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " | min/step (CPU) | max gap to the largest budget |",
+        "|---|---|---|" + "---|" * steps + "---|---|",
+    ]
+    for strategy in sorted({r["strategy"] for r in runs}):
+        table = sorted((r for r in runs if r["strategy"] == strategy), key=lambda r: r["epochs"])
+        reference = table[-1]["accuracy"]
+        for r in table:
+            cells = [f"{100 * a:.1f}" if i < len(r["accuracy"]) else "—" for i, a in enumerate((r["accuracy"] + [0] * steps)[:steps])]
+            gaps = [100 * (ref - a) for a, ref in zip(r["accuracy"][:steps], reference)]
+            minutes = [s / 60 for s in r["cpu_s"][:steps]]
+            lines.append(
+                f"| {strategy} | {r['epochs']} | {'/'.join(map(str, r['milestones']))} | " + " | ".join(cells)
+                + f" | {' / '.join(f'{m:.1f}' for m in minutes) or '—'} | {max(gaps):+.1f} |"
+            )
+    lines += ["", f"Within {tolerance:g} points of the largest budget at every step: "
+              + ", ".join(f"{k} from {v} epochs" if v else f"{k}: none measured" for k, v in chosen.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="checkpoint folders of the budget runs")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--tolerance", type=float, default=4.0, help="points below the largest budget allowed at each step")
+    p.add_argument("--out", help="folder for budget.json and budget.md")
+    args = p.parse_args(argv)
+    try:
+        runs = [r for f in args.folders for r in read_run(Path(f))]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    chosen = choose(runs, args.steps, args.tolerance)
+    text = markdown(runs, args.steps, chosen, args.tolerance)
+    if args.out:
+        write_benchmark(args.out, "budget", {"runs": runs, "chosen": chosen, "steps": args.steps, "tolerance": args.tolerance}, text)
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
