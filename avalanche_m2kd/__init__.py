@@ -17,7 +17,7 @@ from .snapshots import (
 from .strategies import M2KD, EducationDistillation
 from .teachers import GroupTeacher, TeacherOutput, TeacherSet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DeviceDataPlugin",
