@@ -49,10 +49,11 @@ PRESET_FIELDS = {
     "epochs": (int,), "batch_size": (int,), "optimizer": (str,), "lr": (int, float), "momentum": (int, float),
     "weight_decay": (int, float), "milestones": (list,), "gamma": (int, float), "mem_size": (int,), "augment": (bool,),
     "train_per_class": (int, type(None)), "test_per_class": (int, type(None)), "seeds": (list,),
-    "lr_sigmoid": (int, float, type(None)), "precision": (str,),
+    "lr_sigmoid": (int, float, type(None)),
 }
 """A preset's required fields and their JSON types."""
-PRESET_OPTIONAL = {"m2kd": (dict,), "data_root": (str, type(None))}
+PRESET_OPTIONAL = {"precision": (str,), "m2kd": (dict,), "ed": (dict,), "data_root": (str, type(None))}
+"""Optional fields: precision (default fp32), M2KD's and ED's plugin options, the data folder."""
 
 
 def load_preset(name: str) -> dict:
@@ -60,7 +61,7 @@ def load_preset(name: str) -> dict:
     (``--preset my_protocol.json``), checked field by field."""
     table = presets()
     if name in table:
-        return read_json(table[name], "preset")
+        return check_preset(read_json(table[name], "preset"), name)
     path = Path(name)
     if not (name.endswith(".json") or path.is_file()):
         raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(table)}, or give the path of a .json file")
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads in all, shared by the jobs (default: torch's, i.e. OMP_NUM_THREADS or every core)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
+    p.add_argument("--loggers", help=f"Avalanche loggers for every run, comma-separated: {', '.join(LOGGERS)} "
+                   "(written under OUT/logs/STRATEGY-seedN/; wandb logs to your W&B account)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     p.add_argument("--list", action="store_true", help="list presets, strategies, models and exit")
@@ -199,6 +202,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
             raise UsageError(f"--{key.replace('_', '-')} must be >= 1, got {config[key]}")
     if config["mem_size"] < 0:
         raise UsageError(f"--mem-size must be >= 0, got {config['mem_size']}")
+    args.logger_names = tuple(parse_names(args.loggers, list(LOGGERS), "logger")) if args.loggers else ()
+    check_logger_packages(args.logger_names)
     for option, value in (("--jobs", args.jobs), ("--threads", args.threads)):
         if value is not None and value < 1:
             raise UsageError(f"{option} must be >= 1, got {value}")
@@ -294,11 +299,13 @@ class Stopped(Exception):
     """``--stop-after`` reached: the run's checkpoint holds its state."""
 
 
-def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "Augmentation", progress, ckpt=None) -> dict:
+def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "Augmentation", progress, ckpt=None,
+            loggers: tuple = ()) -> dict:
     """Train ``name`` on the stream with ``seed``; evaluate after every experience.
 
     ``ckpt`` (a :class:`RunCheckpoint`) saves the strategy after every
-    experience and, when resuming, restores it first.
+    experience and, when resuming, restores it first. ``loggers``: Avalanche
+    loggers that receive every metric the evaluator emits.
     """
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import EvaluationPlugin
@@ -311,7 +318,9 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
     RNGManager.set_random_seeds(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        evaluator = EvaluationPlugin(IncrementalMetrics(), loggers=[])
+        # with loggers, Avalanche's standard metrics too: its CSV and text loggers expect them
+        standard = standard_metrics() if loggers else []
+        evaluator = EvaluationPlugin(IncrementalMetrics(), *standard, loggers=list(loggers))
     first = (DataParallelSync(),) if is_distributed() else ()
     setup = Setup(
         config, data.n_classes, data.input_shape, config["device"], evaluator, augmentation.buffer_transform, first,
@@ -647,7 +656,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         write(plots=False)
 
     progress = tqdm(total=len(todo) * config["n_experiences"], disable=quiet, unit="exp", dynamic_ncols=True)
-    tasks = RunTasks(config, folder, args.resume, args.stop_after)
+    tasks = RunTasks(config, folder, args.resume, args.stop_after, args.logger_names, out / "logs")
     try:
         if args.jobs > 1 and len(todo) > 1:
             del data, benchmark  # each worker loads its own copy
@@ -682,6 +691,59 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     return 0
 
 
+LOGGERS = {"text": None, "csv": None, "tensorboard": "tensorboard", "wandb": "wandb"}
+"""Avalanche loggers the runner attaches, and the package (an extra of this project) each needs."""
+
+
+def check_logger_packages(names) -> None:
+    """Before any data is loaded: the package each named logger needs is installed."""
+    import importlib.util
+
+    for name in names:
+        package = LOGGERS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--loggers {name} needs the package {package}: pip install 'avalanche-m2kd[{name}]'")
+
+
+def make_loggers(names, folder: Path, run_name: str) -> tuple:
+    """Avalanche's own loggers for one run, writing into ``folder``
+    (``text``: ``log.txt``; ``csv``: Avalanche's CSV files; ``tensorboard``:
+    an event file; ``wandb``: a W&B run named ``run_name``)."""
+    from avalanche.logging import CSVLogger, TensorboardLogger, TextLogger, WandBLogger
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name in names:
+        if name == "text":
+            made.append(TextLogger(open(folder / "log.txt", "a")))
+        elif name == "csv":
+            made.append(CSVLogger(log_folder=str(folder)))
+        elif name == "tensorboard":
+            made.append(TensorboardLogger(tb_log_dir=str(folder)))
+        else:
+            made.append(WandBLogger(project_name="avalanche-m2kd", run_name=run_name, dir=str(folder)))
+    return tuple(made)
+
+
+def standard_metrics() -> list:
+    """Avalanche's accuracy, loss and forgetting per epoch, experience and stream."""
+    from avalanche.evaluation.metrics import accuracy_metrics, forgetting_metrics, loss_metrics
+
+    return [*accuracy_metrics(epoch=True, experience=True, stream=True), *loss_metrics(epoch=True, experience=True, stream=True),
+            *forgetting_metrics(experience=True, stream=True)]
+
+
+def close_loggers(loggers) -> None:
+    """Flush and close what Avalanche's loggers hold open (they have no common close)."""
+    for logger in loggers:
+        if hasattr(logger, "writer"):  # TensorBoard's SummaryWriter
+            logger.writer.close()
+        elif hasattr(logger, "close"):  # CSV files
+            logger.close()
+        elif getattr(logger, "file", None) not in (None, sys.stdout, sys.stderr):  # the text log
+            logger.file.close()
+
+
 def torch_threads(threads: Optional[int]) -> None:
     if threads is not None:
         import torch
@@ -698,10 +760,16 @@ class RunTasks:
     folder: Optional[Path]
     resume: bool
     stop_after: Optional[int]
+    loggers: tuple = ()  # names in LOGGERS
+    log_root: Optional[Path] = None  # each run logs to log_root/STRATEGY-seedN
 
     def run(self, name: str, seed: int, loaded, progress) -> dict:
         ckpt = RunCheckpoint(self.folder, name, seed, self.resume, self.stop_after) if self.folder else None
-        return run_one(name, seed, self.config, *loaded, progress, ckpt)
+        loggers = make_loggers(self.loggers, self.log_root / f"{name}-seed{seed}", f"{self.config['preset']}-{name}-seed{seed}") if self.loggers else ()
+        try:
+            return run_one(name, seed, self.config, *loaded, progress, ckpt, loggers)
+        finally:
+            close_loggers(loggers)
 
 
 @dataclass

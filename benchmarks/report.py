@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Dict, List
 
@@ -159,13 +160,11 @@ def _fmt(stat: dict, percent: bool = True) -> str:
     return f"{stat['mean'] * scale:.1f} ± {stat['std'] * scale:.1f}"
 
 
-def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: List[str]) -> str:
+def summary_table(summary: Dict[str, Dict[str, dict]]) -> str:
+    """Every strategy's mean ± std of each summary column; the best ranked value in bold."""
     names = list(summary)
-    lines = [f"# {title}", ""]
-    lines += [f"- {n}" for n in notes] + [""]
     header = ["Strategy"] + [c[1] for c in SUMMARY_COLUMNS] + ["Time (s)", "Seeds"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = {}
     for key, _, higher in SUMMARY_COLUMNS:
         ranked = [(summary[n][key]["mean"], n) for n in names if n not in UNRANKED and summary[n][key]["mean"] is not None]
@@ -180,11 +179,38 @@ def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: Lis
         cells.append(_fmt(summary[n]["wall_time_s"], percent=False))
         cells.append(str(summary[n]["wall_time_s"]["n"]))  # a std over one seed is 0.0, not agreement
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: Dict[str, Dict[str, dict]], title: str, notes: List[str]) -> str:
+    lines = [f"# {title}", ""]
+    lines += [f"- {n}" for n in notes] + [""]
+    lines.append(summary_table(summary))
     lines.append(
         "Accuracies in %, mean ± std over the seeds counted in the last column; forgetting and BWT in percentage points; best ranked value in bold "
         "(higher is better, except forgetting); `joint` is the upper bound and is not ranked."
     )
+    return "\n".join(lines) + "\n"
+
+
+def compact_table(runs: List[dict]) -> str:
+    """The results tables of the README and docs/results.md: per strategy,
+    the seeds, the headline metrics, the snapshot memory and the minutes per run."""
+    summary = aggregate(runs)
+    lines = [
+        "| strategy | seeds | avg. incremental acc. | last acc. | forgetting | old (last) | new (last) | snapshots held (MB) | minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, stats in summary.items():
+        mine = [r for r in runs if r["strategy"] == name]
+        seeds = ", ".join(str(r["seed"]) for r in mine)
+        held = [round((r.get("snapshot_bytes") or {}).get("held", 0) / 1e6, 1) for r in mine]
+        held = [] if not any(held) else held[:1] if len(set(held)) == 1 else held  # per seed where they differ
+        one = len(mine) == 1
+        cells = [_fmt(stats[k]).split(" ± ")[0] if one else _fmt(stats[k])
+                 for k in ("average_incremental_accuracy", "last_accuracy", "forgetting", "old_last", "new_last")]
+        minutes = round(stats["wall_time_s"]["mean"] / 60)
+        lines.append(f"| `{name}` | {seeds} | " + " | ".join(cells) + f" | {' / '.join(f'{h:.1f}' for h in held)} | {minutes} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,3 +315,67 @@ def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bo
     write_atomic(out / "summary.md", summary_markdown(document["summary"], title, notes) + paired_markdown(document["paired"]))
     if plots:
         write_plots(out, runs)
+
+
+# -- generated tables in Markdown files -------------------------------------------------
+BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>\w+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+"""A generated table: ``<!-- results FOLDER KIND [strategies=a,b] -->`` ... ``<!-- /results -->``."""
+TABLES = {
+    "compact": lambda runs: compact_table(runs),
+    "summary": lambda runs: summary_table(aggregate(runs)),
+    "paired": lambda runs: paired_markdown(paired_differences(runs)).lstrip("\n"),
+}
+
+
+def render_block(folder: str, kind: str, options: str, root: Path) -> str:
+    """The table ``kind`` of the runs in ``root/folder/results.json``
+    (``strategies=a,b``: only those, in that order)."""
+    if kind not in TABLES:
+        raise ValueError(f"unknown table kind {kind!r} for {folder}; use one of {', '.join(TABLES)}")
+    runs = json.loads((root / folder / "results.json").read_text())["runs"]
+    for option in options.split():
+        key, _, value = option.partition("=")
+        if key != "strategies" or not value:
+            raise ValueError(f"unknown table option {option!r} for {folder}; use strategies=a,b")
+        order = value.split(",")
+        runs = sorted((r for r in runs if r["strategy"] in order), key=lambda r: (order.index(r["strategy"]), r["seed"]))
+    if not runs:
+        raise ValueError(f"{folder}: no runs to tabulate")
+    return TABLES[kind](runs)
+
+
+def update_markdown(path: Path, root: Path) -> str:
+    """``path``'s text with every generated table rendered again from its results file."""
+    text = path.read_text()
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m["folder"], m["kind"], m["options"], root) + m.group(6), text)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                description="Render the results tables of Markdown files from their results.json files.")
+    p.add_argument("--markdown", nargs="+", required=True, help="Markdown files with <!-- results FOLDER KIND --> blocks")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table differs from its results file")
+    p.add_argument("--root", default=".", help="folder the blocks' results folders are relative to (default: .)")
+    args = p.parse_args(argv)
+    stale = []
+    for name in args.markdown:
+        path = Path(name)
+        try:
+            new = update_markdown(path, Path(args.root))
+        except (OSError, ValueError, KeyError) as err:
+            print(f"python -m benchmarks.report: error: {name}: {err}", file=sys.stderr)
+            return 2
+        if new != path.read_text():
+            stale.append(name)
+            if not args.check:
+                write_atomic(path, new)
+    if stale:
+        print(("out of date: " if args.check else "updated: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

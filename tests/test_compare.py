@@ -227,3 +227,50 @@ def test_the_sigmoid_form_trains_icarls_classifier_with_exemplars_and_a_growing_
         growing = any(isinstance(m, IncrementalClassifier) for n, m in strategy.model.named_modules() if n.startswith("head"))
         assert growing is not fixed, name
         assert strategy.m2kd.bce_columns == ("all" if fixed else "seen"), name
+
+
+def test_every_builtin_preset_passes_the_field_checks():
+    for name in compare.presets():
+        assert compare.check_preset(compare.load_preset(name), name)["description"]
+
+
+def test_a_users_preset_file_runs_like_a_builtin_one(tmp_path):
+    preset = dict(compare.load_preset("digits"), epochs=1, description="mine")
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(preset))
+    args = compare.build_parser().parse_args(["--preset", str(path), "--strategies", "naive"])
+    config = compare.resolve_config(args)
+    assert config["epochs"] == 1 and config["preset"] == str(path) and config["description"] == "mine"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.pop("epochs"), "lacks epochs"),
+    (lambda p: p.update(epochs="3"), "epochs must be int, got '3'"),
+    (lambda p: p.update(augment=1), "augment must be bool, got 1"),
+    (lambda p: p.update(epoch=3), "unknown field 'epoch'"),
+    (lambda p: p.update(milestones=[0]), "milestones must be epochs between 1 and 4"),
+    (lambda p: p.update(seeds=[]), "seeds must be a non-empty list of integers"),
+])
+def test_a_bad_preset_file_is_a_one_line_error_naming_the_field(tmp_path, capsys, change, message):
+    preset = compare.load_preset("digits")
+    change(preset)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(preset))
+    assert compare.main(["--preset", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_missing_preset_file_and_a_json_list_are_one_line_errors(tmp_path, capsys):
+    assert compare.main(["--preset", str(tmp_path / "none.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "list.json").write_text("[1, 2]")
+    assert compare.main(["--preset", str(tmp_path / "list.json")]) == 2
+    assert "must hold a JSON object, not list" in capsys.readouterr().err
+
+
+def test_list_shows_every_presets_description(capsys):
+    assert compare.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in compare.presets():
+        assert compare.load_preset(name)["description"][:40] in out
