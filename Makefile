@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# The comparison twice: with the digits preset's 200 exemplars, and without a
+# memory (where M2KD's exemplar-free sigmoid form belongs; see README).
 demo: $(STAMP)
 	$(PY) -m benchmarks.compare --out results/demo $(DEMO_ARGS)
+	$(PY) -m benchmarks.compare --out results/demo-free --mem-size 0 $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PYTEST)

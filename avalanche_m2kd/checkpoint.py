@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,10 @@ FORMAT = "avalanche_m2kd.checkpoint/2"
 """The ``format`` entry of every checkpoint this module writes."""
 
 TMP_SUFFIX = ".tmp"
+TMP_MARK = ".m2kd-"
+"""Temporary files of :func:`atomic_write` are named ``.NAME.m2kd-XXXXXXXX.tmp``:
+ours by construction, so a clean-up never touches a user's own ``*.tmp``."""
+_OURS = re.compile(r"^\..+\.m2kd-[A-Za-z0-9_]{8}\.tmp$")
 """Suffix of :func:`atomic_write`'s temporary files."""
 
 
@@ -68,7 +73,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     ``path``: a crash midway leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{TMP_MARK}", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)
@@ -82,9 +87,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:
     """Delete what :func:`atomic_write` leaves in ``folder`` when its process is
-    killed mid-write. Only the folder's sole writer may call this."""
-    for stale in Path(folder).glob(f"*{TMP_SUFFIX}"):
-        stale.unlink()
+    killed mid-write: regular files of its own name pattern only (never a
+    user's file or folder). Only the folder's sole writer may call this."""
+    for stale in Path(folder).iterdir():
+        if _OURS.match(stale.name) and stale.is_file() and not stale.is_symlink():
+            stale.unlink()
 
 
 def save_checkpoint(strategy, path: str | os.PathLike, meta: Optional[dict] = None) -> None:

@@ -118,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="digits, fmnist, cifar10, cifar100, npz:PATH or imagefolder:ROOT")
     p.add_argument("--data-root", help="folder holding the data set files")
     p.add_argument("--download", action="store_true", help="allow torchvision to download the data set")
-    p.add_argument("--strategies", help="comma-separated strategies (default: all but the ablations m2kd-*-noaux, m2kd-*-informed, m2kd-bce-icarlhead; see --list)")
+    from benchmarks.strategies import ABLATIONS, EXEMPLAR_FREE, NEEDS_MEMORY
+
+    p.add_argument("--strategies", help=(
+        "comma-separated strategies (see --list). Default: every product strategy suited to the memory: with --mem-size 0 all "
+        f"but {', '.join(sorted(NEEDS_MEMORY))}; with a memory all but {', '.join(sorted(EXEMPLAR_FREE))}. "
+        f"The ablations run when named: {', '.join(sorted(ABLATIONS))}"))
     p.add_argument("--mem-size", type=int, help="exemplars kept in total, for every strategy that uses a memory")
     p.add_argument("--epochs", type=int, help="epochs per experience")
     p.add_argument("--n-experiences", type=int, help="number of experiences")
@@ -156,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> dict:
     """The preset, with the command line's overrides applied."""
-    from benchmarks.strategies import ABLATIONS, NEEDS_MEMORY, STRATEGIES
+    from benchmarks.strategies import NEEDS_MEMORY, STRATEGIES, default_strategies
 
     from avalanche_m2kd import models
 
@@ -190,8 +195,7 @@ def resolve_config(args: argparse.Namespace) -> dict:
         config["lr_sigmoid"] = None
     if args.seeds:
         config["seeds"] = parse_seeds(args.seeds)
-    default = [n for n in STRATEGIES if n not in ABLATIONS]
-    config["strategies"] = names = parse_names(args.strategies, list(STRATEGIES), "strategy", default)
+    config["strategies"] = names = parse_names(args.strategies, list(STRATEGIES), "strategy", default_strategies(config["mem_size"]))
     needs_memory = [n for n in names if n in NEEDS_MEMORY]
     if config["mem_size"] == 0 and needs_memory:
         raise UsageError(f"{', '.join(needs_memory)} need an exemplar memory: set --mem-size > 0 or leave them out of --strategies")
@@ -213,6 +217,11 @@ def resolve_config(args: argparse.Namespace) -> dict:
         raise UsageError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.stop_after is not None and not args.checkpoint:
         raise UsageError("--stop-after needs --checkpoint (otherwise the stopped run is lost)")
+    check_own_folder(args.out, "--out")
+    if args.checkpoint is not None:
+        check_own_folder(args.checkpoint, "--checkpoint")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume adds to the results in --out and --overwrite replaces them; pass one of the two")
     if args.resume and not args.checkpoint and not (Path(args.out) / "results.json").is_file():
         raise UsageError(f"--resume: {args.out}/results.json does not exist and no --checkpoint was given")
     config["device"] = resolve_device(args.device)
@@ -293,6 +302,25 @@ class Augmentation:
         from avalanche_m2kd.device_data import DeviceDataPlugin
 
         return (DeviceDataPlugin(augment=self.augment, padding=4, fill=self.fill),)
+
+
+class ResultsNotWritten(Exception):
+    """``--out`` refused the results: they are written beside the checkpoints
+    (or in the temporary folder) instead, and the message says where."""
+
+    def __init__(self, out: Path, document: dict, checkpoint: Optional[Path], err: OSError):
+        import tempfile
+
+        kept = None
+        for place in ([checkpoint] if checkpoint is not None else []) + [Path(tempfile.gettempdir())]:
+            try:
+                kept = place / f"results-{os.getpid()}.json"
+                kept.write_text(json.dumps(document, indent=1))
+                break
+            except OSError:
+                kept = None
+        where = f"the {len(document['runs'])} finished runs are in {kept}" if kept else "they could not be kept anywhere"
+        super().__init__(f"cannot write the results to {out} ({type(err).__name__}: {err.strerror or err}); {where}")
 
 
 class Stopped(Exception):
@@ -499,6 +527,9 @@ def _main(argv: List[str]) -> int:
             raise
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    except ResultsNotWritten as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
 
 
 def print_list() -> int:
@@ -558,26 +589,55 @@ def read_json(path: Path, what: str) -> dict:
         raise UsageError(f"{what} {path} cannot be read ({type(err).__name__}: {err}); fix or remove it") from None
 
 
-def claim_output_folder(out: Path, resume: bool, overwrite: bool):
-    """Before any data is loaded or model trained: the folder is writable, no
-    other runner writes to it (an exclusive lock, held until this process
-    exits), it holds no results unless ``--resume`` (add to them) or
-    ``--overwrite`` (replace them) says what to do, and temporary files left by
-    a killed runner are removed. Returns the open lock file."""
+def lock_folder(folder: Path, option: str):
+    """An exclusive lock on ``folder`` (its ``.lock`` file, held until this
+    process exits), after checking that the folder takes a new file (a real
+    temporary file is created and removed: an old lock file opened for
+    appending proves nothing). Returns the open lock file."""
     import fcntl
+    import tempfile
 
-    from avalanche_m2kd.checkpoint import remove_stale_temporaries
+    from avalanche_m2kd.checkpoint import TMP_MARK, TMP_SUFFIX
 
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f".write-check{TMP_MARK}", suffix=TMP_SUFFIX)
+        os.close(fd)
+        os.unlink(probe)
+        lock = open(folder / ".lock", "a+")
     except OSError as err:
-        raise UsageError(f"--out {out} is not writable ({err.strerror}); choose another folder") from None
+        raise UsageError(f"{option} {folder} is not writable ({err.strerror or err}); choose another folder") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         lock.close()
-        raise UsageError(f"another runner is writing to {out}; wait for it or use another --out") from None
+        raise UsageError(f"another process is writing to {folder}; wait for it or use another {option}") from None
+    return lock
+
+
+def check_own_folder(folder: str, option: str) -> Path:
+    """``folder`` as a Path, refusing an empty name and the current, home or
+    root folder: the runner writes and cleans there, so it must be a folder of its own."""
+    if not str(folder).strip():
+        raise UsageError(f"{option} is empty; name a folder for the outputs, e.g. {option} results/run1")
+    path = Path(folder)
+    resolved = path.resolve()
+    if resolved in {Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)}:
+        raise UsageError(f"{option} {folder} is the current, home or root folder; name a folder of its own, e.g. {option} results/run1")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {folder} is a file, not a folder; name a folder")
+    return path
+
+
+def claim_output_folder(out: Path, resume: bool, overwrite: bool):
+    """Before any data is loaded or model trained: the folder is writable and
+    locked (:func:`lock_folder`), it holds no results unless ``--resume`` (add
+    to them) or ``--overwrite`` (replace them, once new ones are written) says
+    what to do, and our temporary files left by a killed runner are removed.
+    Returns the open lock file."""
+    from avalanche_m2kd.checkpoint import remove_stale_temporaries
+
+    lock = lock_folder(out, "--out")
     if (out / "results.json").is_file() and not (resume or overwrite):
         lock.close()
         raise UsageError(f"{out} already holds results; pass --resume to add to them, --overwrite to replace them, or use another --out")
@@ -597,6 +657,9 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     main_process = DistributedHelper.is_main_process
     quiet = args.quiet or not main_process
     lock = claim_output_folder(Path(args.out), args.resume, args.overwrite) if main_process else None  # noqa: F841
+    folder = Path(args.checkpoint) if args.checkpoint else None
+    if folder is not None and main_process and folder.resolve() != Path(args.out).resolve():
+        checkpoint_lock = lock_folder(folder, "--checkpoint")  # noqa: F841 (a second runner must not clean it)
     data, benchmark, order, augmentation = prepare_data(config)
     if distributed:  # each process trains on its share of the batch
         config = dict(config, batch_size=config["batch_size_per_process"])
@@ -615,14 +678,13 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         saved = read_json(previous, "results file")
         check_same_config(saved["config"], config, str(previous))
         document["runs"] = saved["runs"]
-    folder = Path(args.checkpoint) if args.checkpoint else None
     if folder is not None:
         stamp = folder / "config.json"
         if stamp.is_file():
             check_same_config(read_json(stamp, "checkpoint configuration"), config, f"checkpoint folder {folder}")
             from avalanche_m2kd.checkpoint import remove_stale_temporaries
 
-            remove_stale_temporaries(folder)  # left by a killed runner (this one holds --out's lock)
+            remove_stale_temporaries(folder)  # left by a killed runner (this one holds the folder's lock)
             if not args.resume:
                 raise UsageError(f"checkpoint folder {folder} already holds a run; pass --resume to continue it or use another folder")
         elif main_process:
@@ -643,8 +705,12 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     ]
 
     def write(plots: bool) -> None:
-        if main_process:
+        if not main_process or (args.overwrite and not document["runs"]):  # --overwrite: old results stay until new ones exist
+            return
+        try:
             report.write_all(out, document, title, notes, plots=plots and not args.no_plots)
+        except OSError as err:  # a full disk, a folder made read-only: keep what was trained
+            raise ResultsNotWritten(out, document, folder, err) from None
 
     done = {(r["strategy"], r["seed"]) for r in document["runs"]}
     todo = [(seed, name) for seed in config["seeds"] for name in config["strategies"] if (name, seed) not in done]
@@ -794,6 +860,8 @@ def run_here(todo, tasks: RunTasks, loaded, progress, finished) -> Outcome:
         except UsageError as err:
             outcome.usage_error = str(err)
             return outcome
+        except ResultsNotWritten:
+            raise
         except Exception as err:  # noqa: BLE001 - reported in one line, the finished runs kept
             outcome.failed, outcome.exception = f"{name} seed {seed} failed: {type(err).__name__}: {err}", err
             return outcome

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 from . import report
-from .compare import CHECKPOINT_INDEPENDENT, OneLineParser, UsageError, read_json
+from .compare import CHECKPOINT_INDEPENDENT, OneLineParser, UsageError, check_own_folder, lock_folder, read_json
 
 PROG = "python -m benchmarks.merge"
 MERGE_INDEPENDENT = CHECKPOINT_INDEPENDENT + (
@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rename", action="append", default=[], metavar="FOLDER:OLD=NEW", help="name a folder's runs of OLD as NEW")
     p.add_argument("--skip", action="append", default=[], metavar="FOLDER:STRATEGY", help="leave a folder's runs of STRATEGY out")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     return p
 
 
@@ -150,17 +151,19 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        out = Path(args.out)
+        out = check_own_folder(args.out, "--out")
         if any(out.resolve() == Path(f).resolve() for f in args.folders):
             raise UsageError(f"--out {out} is one of the folders being merged; write the merge elsewhere")
         document = merge(args.folders, args.rename, args.skip)
+        lock = lock_folder(out, "--out")  # noqa: F841 (held until exit: a runner cannot write there meanwhile)
+        if (out / "results.json").is_file() and not args.overwrite:
+            raise UsageError(f"{out} already holds results; pass --overwrite to replace them or choose another --out")
     except UsageError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     command = " ".join([PROG, *argv])
     document["command"] = [PROG, *argv]
     c = document["config"]
-    out.mkdir(parents=True, exist_ok=True)
     report.write_all(out, document, f"{c['dataset']}, {c['n_experiences']} experiences (merged)", notes(document, command),
                      plots=not args.no_plots)
     print((out / "summary.md").read_text() if document["runs"] else f"no runs to merge; wrote {out / 'results.json'}")

@@ -232,6 +232,19 @@ SIGMOID_LOSS = {"icarl"} | {n for n, b in STRATEGIES.items() if getattr(b, "opti
 """Strategies trained with a per-class sigmoid loss: they use ``lr_sigmoid``."""
 NEEDS_MEMORY = {"icarl"} | {n for n, b in STRATEGIES.items() if getattr(b, "options", {}).get("classifier") == "nme"}
 """Strategies that classify by the nearest mean of exemplars: checked before any training."""
+EXEMPLAR_FREE = {"m2kd-bce", "m2kd-bce-last"}
+"""The sigmoid form classifying with its trained head: made for streams without a
+memory. With one, iCaRL's loss teaches each old class's output to fire on the new
+classes' images (the snapshots' sigmoid targets there are near 1) and the trained
+head confuses them; the nearest-mean classifier does not (``m2kd-icarl``). So by
+default these run only with ``--mem-size 0`` (named, they run with any memory)."""
+
+
+def default_strategies(mem_size: int) -> List[str]:
+    """The strategies a comparison runs when none are named: every product
+    strategy suited to the memory (no ablations)."""
+    unsuited = NEEDS_MEMORY if mem_size == 0 else EXEMPLAR_FREE
+    return [n for n in STRATEGIES if n not in ABLATIONS and n not in unsuited]
 
 DESCRIPTIONS = {
     "naive": "fine-tuning (Avalanche Naive) + replay memory",

@@ -274,3 +274,15 @@ def test_list_shows_every_presets_description(capsys):
     out = capsys.readouterr().out
     for name in compare.presets():
         assert compare.load_preset(name)["description"][:40] in out
+
+
+def test_default_strategies_follow_the_memory():
+    """Every claim row pairs two strategies run with the same memory: the
+    exemplar-free sigmoid form runs by default only without one, the
+    nearest-mean ones only with one."""
+    with_memory = compare.resolve_config(compare.build_parser().parse_args(["--mem-size", "200"]))["strategies"]
+    without = compare.resolve_config(compare.build_parser().parse_args(["--mem-size", "0"]))["strategies"]
+    assert "m2kd-icarl" in with_memory and "m2kd-bce" not in with_memory and "lwf" in with_memory
+    assert "m2kd-bce" in without and "m2kd-bce-last" in without and "icarl" not in without and "lwf" in without
+    named = compare.resolve_config(compare.build_parser().parse_args(["--mem-size", "200", "--strategies", "m2kd-bce"]))
+    assert named["strategies"] == ["m2kd-bce"]

@@ -39,7 +39,7 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, strateg
     compare("--strategies", strategy, *extra, "--out", str(tmp_path / "straight"))
     args = ["--strategies", strategy, *extra, "--out", str(tmp_path / "split"), "--checkpoint", str(tmp_path / "ckpt")]
     first = compare(*args, "--stop-after", "2")  # a separate process that exits after experience 2 of 4
-    assert "stopped after 2 experiences" in first.stdout
+    assert "stopped 1 run(s) after 2 experience(s) each" in first.stdout
     assert (tmp_path / "ckpt" / f"{strategy}-seed0.ckpt").is_file()
     assert not (tmp_path / "split" / "results.json").is_file() or not json.loads((tmp_path / "split" / "results.json").read_text())["runs"]
     compare(*args, "--resume")
@@ -288,9 +288,12 @@ def test_output_folder_is_guarded(tmp_path, capsys):
     first = json.loads((out / "results.json").read_text())
     assert runner.main(args) == 2
     assert "already holds results; pass --resume" in capsys.readouterr().err
-    (out / "results.json.abc123.tmp").write_text("partial")
+    (out / ".results.json.m2kd-abc12345.tmp").write_text("partial")  # ours, left by a killed runner
+    (out / "notes.tmp").write_text("the user's")
+    (out / "x.tmp").mkdir()
     assert runner.main([*args, "--overwrite", "--seeds", "1"]) == 0
-    assert not list(out.glob("*.tmp"))
+    assert not (out / ".results.json.m2kd-abc12345.tmp").exists()
+    assert (out / "notes.tmp").read_text() == "the user's" and (out / "x.tmp").is_dir()
     assert [r["seed"] for r in json.loads((out / "results.json").read_text())["runs"]] == [1]
     assert runner.main([*args, "--resume", "--seeds", "0"]) == 0  # adds seed 0 to seed 1's results
     assert sorted(r["seed"] for r in json.loads((out / "results.json").read_text())["runs"]) == [0, 1]
@@ -299,7 +302,7 @@ def test_output_folder_is_guarded(tmp_path, capsys):
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         capsys.readouterr()
         assert runner.main([*args, "--resume"]) == 2
-        assert "another runner is writing to" in capsys.readouterr().err
+        assert "another process is writing to" in capsys.readouterr().err
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     assert runner.main([*TINY, "--out", str(blocked / "sub")]) == 2
