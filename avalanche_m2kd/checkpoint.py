@@ -44,6 +44,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -145,9 +146,16 @@ def maybe_load_checkpoint(
     return strategy, load_checkpoint(strategy, path, experiences, expect)
 
 
+MAY_PREDATE = ("data_fingerprint",)
+"""Meta keys that checkpoints of earlier releases lack: accepted with a warning."""
+
+
 def check_meta(saved: dict, expected: dict, where: str) -> None:
     """Refuse a checkpoint whose ``meta`` differs from ``expected``."""
     for key in sorted(set(saved) | set(expected)):
+        if key in MAY_PREDATE and key not in saved:
+            warnings.warn(f"checkpoint {where} predates its {key}; it cannot be checked", RuntimeWarning)
+            continue
         if saved.get(key) != expected.get(key):
             a, b = saved.get(key), expected.get(key)
             if isinstance(a, dict) and isinstance(b, dict):  # name the inner key

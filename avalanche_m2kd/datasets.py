@@ -213,6 +213,11 @@ def load_npz(path: str) -> ImageArrays:
     x_te = _images_nchw(arrays["x_test"], where + " x_test")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DatasetError(f"{where}: train images {x_tr.shape[1:]} and test images {x_te.shape[1:]} differ in shape")
+    if x_tr.dtype != x_te.dtype:  # a uint8 set and a float set are scaled differently: refuse, do not guess
+        raise DatasetError(
+            f"{where}: training images are {x_tr.dtype} but test images are {x_te.dtype}; store both as uint8 (0-255) "
+            "or both as float (0-1)"
+        )
     if x_tr.dtype != np.uint8:
         if not np.issubdtype(x_tr.dtype, np.floating):
             raise DatasetError(f"{where}: images must be uint8 (or float in [0, 1]), got {x_tr.dtype}")

@@ -15,6 +15,7 @@ Outputs in ``--out``: results.json, results.csv, summary.md and plots
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
+
+from benchmarks.stopping import Terminated, check_stop, exit_status, run_stoppable
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_PRESET = "digits"
@@ -355,7 +358,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         augmentation.last_plugins(), seed,
     )
     strategy = build_strategy(name, setup)
-    start, elapsed, per_experience, cpu_per_experience = 0, 0.0, [], []
+    start, elapsed, per_experience, cpu_per_experience, versions = 0, 0.0, [], [], []
     experiences = list(benchmark.train_stream)
     meta = checkpoint_meta(name, seed, config)
     try:
@@ -364,7 +367,11 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         if ckpt is not None and ckpt.resume:
             start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
             elapsed = ckpt.elapsed()
-            per_experience, cpu_per_experience = ckpt.experience_times("experience_s")[:start], ckpt.experience_times("experience_cpu_s")[:start]
+            per_experience, cpu_per_experience = ckpt.side_list("experience_s")[:start], ckpt.side_list("experience_cpu_s")[:start]
+            versions = ckpt.side_list("code_versions")[:start]
+            if versions and versions[-1] != code_version():
+                print(f"{PROG}: warning: {name} seed {seed} was trained to experience {start} by code {versions[-1]} "
+                      f"and continues with {code_version()} (both recorded per experience)", file=sys.stderr)
             progress.update(start)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
@@ -375,13 +382,16 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         strategy.eval(benchmark.test_stream, num_workers=0)
         per_experience.append(time.perf_counter() - began)
         cpu_per_experience.append(time.process_time() - began_cpu)  # this process's CPU time: steady while neighbours run
+        versions.append(code_version())
         elapsed += per_experience[-1]
         progress.update(1)
         if ckpt is not None:
-            so_far = {"experience_s": per_experience, "experience_cpu_s": cpu_per_experience, "accuracy_matrix": metric.matrix().tolist(), "test_sizes": metric.sizes()}
+            so_far = {"experience_s": per_experience, "experience_cpu_s": cpu_per_experience, "code_versions": versions,
+                      "accuracy_matrix": metric.matrix().tolist(), "test_sizes": metric.sizes()}
             ckpt.save(strategy, elapsed, lambda strategy, path: save_checkpoint(strategy, path, meta), so_far)
             if ckpt.should_stop():
                 raise Stopped()
+        check_stop()  # a stop that a callback swallowed still ends the run here, the experience saved
     matrix, sizes = metric.matrix(), metric.sizes()
     run = {
         "strategy": name,
@@ -393,6 +403,7 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
         "wall_time_s": elapsed,
         "experience_s": per_experience,
         "experience_cpu_s": cpu_per_experience,
+        "code_versions": versions,  # per experience: a resumed run may span commits
         "snapshot_bytes": snapshot_bytes(strategy),
     }
     if is_distributed():
@@ -413,7 +424,8 @@ def checkpoint_meta(name: str, seed: int, config: dict) -> dict:
     return {
         "strategy": name,
         "seed": seed,
-        "config": {k: v for k, v in config.items() if k not in CHECKPOINT_INDEPENDENT},
+        "config": {k: v for k, v in config.items() if k not in CHECKPOINT_INDEPENDENT and k != "data_fingerprint"},
+        "data_fingerprint": config.get("data_fingerprint"),
     }
 
 
@@ -430,14 +442,23 @@ class RunCheckpoint:
         self.trained = 0  # experiences this run trained in this invocation
 
     def _side(self) -> dict:
-        return read_json(self.side, "checkpoint side file") if self.side.is_file() else {}
+        """The side file, its shape checked (a hand-edited or foreign file is named in one line)."""
+        if not self.side.is_file():
+            return {}
+        side = read_json(self.side, "checkpoint side file")
+        lists = ("experience_s", "experience_cpu_s", "code_versions", "accuracy_matrix", "test_sizes")
+        if (not isinstance(side, dict) or not isinstance(side.get("elapsed_s", 0.0), (int, float))
+                or not all(isinstance(side.get(k, []), list) for k in lists)):
+            raise UsageError(f"checkpoint side file {self.side} is not one the runner wrote; remove it (the run's time "
+                             "and per-experience records restart) or restore it")
+        return side
 
     def elapsed(self) -> float:
         return float(self._side().get("elapsed_s", 0.0))
 
-    def experience_times(self, key: str) -> List[float]:
-        """Seconds (``experience_s``: wall, ``experience_cpu_s``: CPU) each
-        experience trained so far took; empty for side files that predate them."""
+    def side_list(self, key: str) -> list:
+        """A per-experience record so far (``experience_s``, ``experience_cpu_s``,
+        ``code_versions``); empty for side files that predate it."""
         return list(self._side().get(key, []))
 
     def save(self, strategy, elapsed: float, save_checkpoint, so_far: Optional[dict] = None) -> None:
@@ -458,6 +479,7 @@ class RunCheckpoint:
         return self.stop_after is not None and self.trained >= self.stop_after
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> Optional[str]:
     """The git commit of this checkout (``+dirty`` with uncommitted changes), or None."""
     import subprocess
@@ -488,25 +510,9 @@ def environment(config: dict) -> dict:
     }
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a cluster's time limit, ``kill``): stop like Ctrl-C, with a message."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    import signal
-
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_DFL:  # leave a caller's own handler alone
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_stoppable(PROG, lambda: _main(argv))
 
 
 def _main(argv: List[str]) -> int:
@@ -551,8 +557,28 @@ CHECKPOINT_INDEPENDENT = ("seeds", "strategies", "device", "data_root", "downloa
 """Configuration keys that may differ between a checkpoint and its resumption."""
 
 
+def data_fingerprint(data) -> str:
+    """The arrays the runs train and test on, hashed (SHA-256 of their shapes,
+    dtypes and bytes, after subsampling): the same file at the same path with
+    other content gives another fingerprint."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (data.x_train, data.y_train, data.x_test, data.y_test):
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return f"sha256:{digest.hexdigest()[:32]},{sum(a.nbytes for a in (data.x_train, data.x_test))}B"
+
+
 def check_same_config(saved: dict, config: dict, where: str, independent=CHECKPOINT_INDEPENDENT) -> None:
-    """Refuse ``saved`` if it differs from ``config`` in a key outside ``independent``."""
+    """Refuse ``saved`` if it differs from ``config`` in a key outside
+    ``independent``. A ``saved`` configuration that predates the data
+    fingerprint is accepted with a warning (it cannot be checked)."""
+    if "data_fingerprint" in config and "data_fingerprint" not in saved:
+        print(f"{PROG}: warning: {where} predates data fingerprints; make sure it ran on the same data", file=sys.stderr)
+        config = {k: v for k, v in config.items() if k != "data_fingerprint"}
     keys = sorted((set(saved) | set(config)) - set(independent))
     diff = [k for k in keys if saved.get(k) != config.get(k)]
     if diff:
@@ -661,6 +687,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     if folder is not None and main_process and folder.resolve() != Path(args.out).resolve():
         checkpoint_lock = lock_folder(folder, "--checkpoint")  # noqa: F841 (a second runner must not clean it)
     data, benchmark, order, augmentation = prepare_data(config)
+    config["data_fingerprint"] = data_fingerprint(data)  # a resume on other data at the same path is refused
     if distributed:  # each process trains on its share of the batch
         config = dict(config, batch_size=config["batch_size_per_process"])
     out = Path(args.out)
@@ -736,7 +763,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
         resume = "; continue with the same command plus --resume" if folder else ""
         print(f"{PROG}: {how}; {len(document['runs'])} finished runs written to {out}{resume}", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
+        return exit_status(stop)
     progress.close()
     write(plots=True)
     if outcome.usage_error:
@@ -852,6 +879,7 @@ def run_here(todo, tasks: RunTasks, loaded, progress, finished) -> Outcome:
     """The runs one after another in this process."""
     outcome = Outcome()
     for seed, name in todo:
+        check_stop()
         progress.set_description(f"{name} seed {seed}")
         try:
             finished(tasks.run(name, seed, loaded, progress))

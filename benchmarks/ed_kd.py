@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
+from benchmarks.stopping import run_stoppable
 
 PROG = "python -m benchmarks.ed_kd"
 PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
@@ -410,11 +411,15 @@ def run(args, argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(build_parser().parse_args(argv), argv)
-    except (UsageError, ValueError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+
+    def body() -> int:
+        try:
+            return run(build_parser().parse_args(argv), argv)
+        except (UsageError, ValueError) as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
+
+    return run_stoppable(PROG, body)  # finished runs are written as each ends; teachers are saved as each is trained
 
 
 if __name__ == "__main__":

@@ -47,6 +47,31 @@ def _matches(given: str, folder: str) -> bool:
     return given == folder or given == Path(folder).name
 
 
+def check_runs(doc: dict, folder: str) -> None:
+    """Every run fits the folder's protocol: a strategy name, an integer seed,
+    an n x n accuracy matrix of values in [0, 1] and n test-set sizes, with n
+    the configuration's number of experiences."""
+    config, runs = doc["config"], doc["runs"]
+    n = config.get("n_experiences") if isinstance(config, dict) else None
+    if not isinstance(n, int) or not isinstance(runs, list):
+        raise UsageError(f"{folder}/results.json has no n_experiences or no list of runs; merge folders written by benchmarks.compare")
+    for i, run in enumerate(runs):
+        problem = None
+        if not isinstance(run, dict) or not isinstance(run.get("strategy"), str) or not isinstance(run.get("seed"), int):
+            problem = "no strategy name or integer seed"
+        elif not (isinstance(run.get("accuracy_matrix"), list) and len(run["accuracy_matrix"]) == n
+                  and all(isinstance(row, list) and len(row) == n for row in run["accuracy_matrix"])):
+            problem = f"its accuracy matrix is not {n} x {n} (the protocol's {n} experiences)"
+        elif not all(isinstance(v, (int, float)) and 0 <= v <= 1 for row in run["accuracy_matrix"] for v in row):
+            problem = "its accuracy matrix holds values outside [0, 1]"
+        elif not (isinstance(run.get("test_sizes"), list) and len(run["test_sizes"]) == n):
+            problem = f"it does not give {n} test-set sizes"
+        elif not isinstance(run.get("metrics"), dict):
+            problem = "it has no metrics"
+        if problem:
+            raise UsageError(f"{folder}/results.json: run {i} does not fit the protocol ({problem}); leave that folder out or rerun it")
+
+
 def merge(folders: Sequence[str], renames: Sequence[str] = (), skips: Sequence[str] = ()) -> dict:
     """The merged results document of ``folders`` (see the module docstring).
 
@@ -72,6 +97,7 @@ def merge(folders: Sequence[str], renames: Sequence[str] = (), skips: Sequence[s
         if not isinstance(doc, dict) or not {"config", "runs"} <= set(doc):
             raise UsageError(f"{folder}/results.json is not a runner results file (no config or runs); "
                              "merge folders written by benchmarks.compare")
+        check_runs(doc, folder)
     first_folder, first = documents[0]
     runs: List[dict] = []
     origin: Dict[Tuple[str, int], str] = {}
