@@ -84,13 +84,25 @@ def check_batch(owner: str, experience, x: Tensor, y: Tensor, width: int) -> Non
         )
 
 
+def check_listed_once(owner: str, plugin, strategy) -> None:
+    """A plugin instance appears once in the strategy's plugins (twice, every hook runs twice)."""
+    if sum(p is plugin for p in strategy.plugins) > 1:
+        raise ValueError(f"{owner}: this plugin instance is listed twice in the strategy's plugins; list it once")
+
+
 def check_model_accepts(owner: str, model: nn.Module, example: Tensor, experience) -> None:
-    """One forward pass of one example (eval mode, mode restored)."""
+    """One forward pass of one example (eval mode, mode restored); the model
+    must return one tensor of logits."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(example.unsqueeze(0) if example.dim() in (1, 3) else example[:1])
+            output = model(example.unsqueeze(0) if example.dim() in (1, 3) else example[:1])
+        if not isinstance(output, Tensor):
+            raise ValueError(
+                f"{owner}: the model returns a {type(output).__name__}, not a tensor of logits; wrap it so that "
+                "forward returns the logits alone (features can be tapped with aux_layers)"
+            )
     except RuntimeError as err:
         raise ValueError(
             f"{owner}: the model cannot process the inputs of training experience {experience_index(experience)} "

@@ -16,6 +16,8 @@ Conventions
 
 from __future__ import annotations
 
+import math
+
 import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple
@@ -503,11 +505,11 @@ class M2KDLoss:
             raise ValueError(f"M2KDLoss: aux must be 'logits' or 'features', got {self.aux!r}")
         if self.feature_distance not in ("mse", "attention"):
             raise ValueError(f"M2KDLoss: feature_distance must be 'mse' or 'attention', got {self.feature_distance!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"M2KDLoss: temperature must be > 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # written so that NaN fails too
+            raise ValueError(f"M2KDLoss: temperature must be a finite number > 0, got {self.temperature}")
         for name in ("mm_weight", "aux_weight", "aux_ce_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"M2KDLoss: {name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"M2KDLoss: {name} must be a finite number >= 0, got {getattr(self, name)}")
 
     def terms(
         self,

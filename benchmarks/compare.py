@@ -703,12 +703,17 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
     previous = out / "results.json"
     if args.resume and previous.is_file():
         saved = read_json(previous, "results file")
+        if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("runs"), list)):
+            raise UsageError(f"{previous} is not a runner results file (no config or list of runs); move it away or use another --out")
         check_same_config(saved["config"], config, str(previous))
         document["runs"] = saved["runs"]
     if folder is not None:
         stamp = folder / "config.json"
         if stamp.is_file():
-            check_same_config(read_json(stamp, "checkpoint configuration"), config, f"checkpoint folder {folder}")
+            saved = read_json(stamp, "checkpoint configuration")
+            if not isinstance(saved, dict):
+                raise UsageError(f"{stamp} is not a checkpoint configuration (a JSON object); remove the folder's runs or use another --checkpoint")
+            check_same_config(saved, config, f"checkpoint folder {folder}")
             from avalanche_m2kd.checkpoint import remove_stale_temporaries
 
             remove_stale_temporaries(folder)  # left by a killed runner (this one holds the folder's lock)

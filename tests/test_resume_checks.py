@@ -75,3 +75,16 @@ def test_merge_refuses_a_run_that_does_not_fit_the_protocol(tmp_path, capsys, da
     assert merge.main(["--out", str(tmp_path / "m"), str(source)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("where, content", [("o/results.json", "[1, 2]"), ("o/results.json", '{"config": [], "runs": []}'),
+                                            ("c/config.json", '"text"')])
+def test_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, where, content):
+    args = [*TINY, "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c")]
+    assert compare.main([*args, "--stop-after", "1"]) == 0
+    (tmp_path / "o").mkdir(exist_ok=True)
+    (tmp_path / where).write_text(content)
+    capsys.readouterr()
+    assert compare.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a" in err and err.count("\n") == 1

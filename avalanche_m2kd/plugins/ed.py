@@ -18,6 +18,7 @@ from .._experience import (
     check_batch,
     check_finite_terms,
     check_is_criterion,
+    check_listed_once,
     check_nonfinite_flags,
     check_stream,
     experience_index,
@@ -197,8 +198,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError("EducationDistillationPlugin: give either teachers or teacher_factory (exactly one)")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"EducationDistillationPlugin: alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"EducationDistillationPlugin: temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:  # NaN fails too
+            raise ValueError(f"EducationDistillationPlugin: temperature must be a finite number > 0, got {temperature}")
         if not (revisit == "all" or (isinstance(revisit, int) and revisit >= 0)):
             raise ValueError(f"EducationDistillationPlugin: revisit must be 'all' or a memory size >= 0, got {revisit!r}")
         if order not in ("mixed", "sequential"):
@@ -258,6 +259,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- Avalanche hooks --------------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
+        check_listed_once("EducationDistillationPlugin", self, strategy)
         check_is_criterion("EducationDistillationPlugin", self, strategy, "the EducationDistillation strategy")
 
     def before_train_dataset_adaptation(self, strategy, **kwargs):

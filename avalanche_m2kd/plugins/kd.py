@@ -3,6 +3,8 @@ every class at once: the baselines ED's claim is measured against."""
 
 from __future__ import annotations
 
+import math
+
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch.nn.functional as F
@@ -77,8 +79,8 @@ class RoutedDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             raise ValueError("RoutedDistillationPlugin: give at least one teacher")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"RoutedDistillationPlugin: alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ValueError(f"RoutedDistillationPlugin: temperature must be > 0, got {temperature}")
+        if not 0 < temperature < math.inf:  # NaN fails too
+            raise ValueError(f"RoutedDistillationPlugin: temperature must be a finite number > 0, got {temperature}")
         check_precision(teacher_precision, "RoutedDistillationPlugin")
         check_inference(teacher_inference, "RoutedDistillationPlugin")
         self.teachers = group_teachers(teachers, "RoutedDistillationPlugin")

@@ -18,6 +18,7 @@ from .._experience import (
     check_batch,
     check_finite_terms,
     check_is_criterion,
+    check_listed_once,
     check_model_accepts,
     check_nonfinite_flags,
     check_output_width,
@@ -28,7 +29,7 @@ from .._random import own_generator, own_random_stream
 from ..distributed import average_batchnorm_statistics
 from ..losses import AuxMode, LossForm, M2KDLoss, TeacherOutput, group_weights, route_unseen_rows
 from ..precision import Precision, check_precision, scaler_skips_non_finite
-from ..snapshots import PackNetSnapshotStore, StoreKind, make_snapshot_store
+from ..snapshots import PackNetSnapshotStore, StoreKind, head_module_names, make_snapshot_store
 from ..taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads, resolve_modules
 from ..teachers import GroupTeacher, TeacherInference, TeacherSet, check_inference, draw_teachers
 
@@ -365,6 +366,13 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
         outside a strategy.
         """
         resolve_modules(model, self.aux_layers)
+        heads = set(head_module_names(model, self.snapshots.head_layers))
+        named_heads = [n for n in self.aux_layers if n in heads or any(n.startswith(h + ".") for h in heads)]
+        if named_heads:
+            raise ValueError(
+                f"M2KDPlugin: aux_layers {named_heads} name the classifier head; tap intermediate layers "
+                "(the output is distilled already), e.g. the backbone's stages"
+            )
         if self.uses_aux_heads:
             attach_auxiliary_heads(model, self.aux_layers, example)
         self.snapshots.bind(model)
@@ -509,6 +517,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     # -- Avalanche hooks ---------------------------------------------------------------
     def before_training(self, strategy, **kwargs):
+        check_listed_once("M2KDPlugin", self, strategy)
         if self.loss == "bce":
             check_is_criterion("M2KDPlugin(loss='bce')", self, strategy, "the M2KD strategy")
 
