@@ -277,6 +277,9 @@ def load_image_folder(root: str) -> ImageArrays:
 
     x_tr, y_tr = read("train")
     x_te, y_te = read("test")
+    untrained = sorted(classes[c] for c in set(np.unique(y_te)) - set(np.unique(y_tr)))
+    if untrained:
+        raise DatasetError(f"{where}: test classes {untrained} have no training images; add some or remove their test folders")
     return ImageArrays(base.name, x_tr, y_tr, x_te, y_te, classes)
 
 

@@ -177,13 +177,19 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
                 saved = torch.load(path, map_location=device, weights_only=True)
             except Exception as err:
                 raise UsageError(f"teacher file {path} cannot be read safely ({type(err).__name__}); delete it to retrain") from None
+            if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state"), dict)):
+                raise UsageError(f"teacher file {path} is not one benchmarks.ed_kd wrote (no config or state); delete it to retrain")
             if saved.get("config") != wanted or saved.get("classes") != classes:
                 diff = next((k for k in wanted if saved.get("config", {}).get(k) != wanted[k]), "classes")
                 raise UsageError(
                     f"teacher file {path} was trained with another configuration ({diff}: "
                     f"{saved.get('config', {}).get(diff)!r} there, {wanted.get(diff)!r} now); use another --teachers folder"
                 )
-            module.load_state_dict(saved["state"])
+            try:
+                module.load_state_dict(saved["state"])
+            except RuntimeError as err:
+                raise UsageError(f"teacher file {path} does not fit the {config['teacher']} teacher "
+                                 f"({str(err).splitlines()[0][:120]}); delete it to retrain") from None
             out[role] = GroupTeacher(module, classes, range(len(classes)))
             log(f"teacher {role}: loaded from {path}")
             continue
@@ -384,7 +390,10 @@ def run(args, argv: List[str]) -> int:
     lock = claim_output_folder(out, resume=True, overwrite=False)  # noqa: F841 (held until exit); runs are added
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     data, stages, whole = load_streams(config)
-    teachers = get_teachers(config, data, stages, whole, Path(args.teachers) if args.teachers else out / "teachers", log)
+    teacher_folder = Path(args.teachers) if args.teachers else out / "teachers"
+    if teacher_folder.exists() and not teacher_folder.is_dir():
+        raise UsageError(f"--teachers {teacher_folder} is a file; name a folder for the teachers")
+    teachers = get_teachers(config, data, stages, whole, teacher_folder, log)
     path = out / "results.json"
     document = {"format": "avalanche_m2kd.ed_kd/1", "command": [PROG, *argv], "config": config, "runs": [],
                 "teachers": teacher_accuracy(teachers, stages, whole, config["device"])}

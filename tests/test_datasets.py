@@ -147,3 +147,13 @@ def test_fashion_mnist_reads_idx_files(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(idx([1], [2]))  # header says 2, body has 1
     with pytest.raises(DatasetError, match="truncated"):
         datasets.load_fashion_mnist(str(tmp_path))
+
+
+def test_an_image_folder_class_with_test_images_but_no_training_images_is_refused(tmp_path):
+    for split, name, count in (("train", "a", 2), ("train", "b", 0), ("test", "a", 1), ("test", "b", 1)):
+        folder = tmp_path / split / name
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(DatasetError, match=r"test classes \['b'\] have no training images"):
+        load_dataset(f"imagefolder:{tmp_path}")

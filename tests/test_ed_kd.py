@@ -166,3 +166,19 @@ def test_a_teacher_trained_with_a_bf16_forward_learns_as_in_fp32():
         scores[precision] = ed_kd.teacher_accuracy({"stage0": teacher}, stages, whole, "cpu")["stage0"]
     assert scores["fp32"] > 0.8
     assert scores["bf16"] >= scores["fp32"] - 0.05, scores
+
+
+@pytest.mark.parametrize("content, message", [({"weights": 1}, "is not one benchmarks.ed_kd wrote"), ([1, 2], "is not one benchmarks.ed_kd wrote")])
+def test_a_teacher_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, content, message):
+    teachers = tmp_path / "teachers"
+    teachers.mkdir()
+    torch.save(content, teachers / "teacher-all.pt")
+    assert ed_kd.main([*TINY, "--teachers", str(teachers), "--methods", "kd", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_teachers_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert ed_kd.main([*TINY, "--teachers", str(tmp_path / "file"), "--methods", "kd", "--out", str(tmp_path / "o")]) == 2
+    assert "is a file; name a folder" in capsys.readouterr().err
