@@ -22,18 +22,33 @@ Methods (one student architecture, data, augmentation, optimizer and budget):
   stage's classes, in place of the stage teachers (ablation: what per-stage
   teachers do).
 
-The budget is the number of sample visits: the full-student methods train
-``epochs`` epochs over all data; ED trains each of its ``S`` stages
-``2 * epochs / (S + 1)`` epochs over the data seen so far, which visits as
-many samples. Teachers are trained once per teacher folder (``--teachers``),
-with their configuration stored beside their weights and checked when they
-are loaded, and shared by every method and seed.
+Equal terms (each checked by a test on every method's resolved plan, see
+:func:`student_plan` and :func:`teacher_epochs`):
+
+* **Sample visits.** The full-student methods train ``epochs`` epochs over all
+  data; ED trains each of its ``S`` stages ``2 * epochs / (S + 1)`` epochs over
+  the data seen so far, which visits as many samples.
+* **Annealing.** Every student follows one step schedule over all its epochs
+  (``milestones``: fractions of them). ED's schedule runs across its stages
+  without restarting, as in ED's code, where the stages switch at the rate
+  drops of one 240-epoch schedule; so every method ends on the same annealed
+  rate (restarting per stage left ED's one-epoch stages never annealed).
+* **Teacher budgets.** Every teacher gets the same number of optimizer steps:
+  a stage specialist, on a third of the data, trains about three times the
+  all-class teacher's ``teacher_epochs``.
+
+Teachers are trained once per teacher folder (``--teachers``), with their
+configuration stored beside their weights and checked when they are loaded,
+and shared by every method and seed. Each teacher's accuracy on each stage's
+classes is reported, the all-class teacher's (restricted to the stage's
+classes, as ``ed-1t`` uses it) included.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 import warnings
@@ -68,6 +83,7 @@ CLAIMS = (
 TEACHER_KEYS = (
     "dataset", "stages", "class_order", "teacher", "teacher_epochs", "batch_size", "lr", "momentum",
     "weight_decay", "milestones", "gamma", "augment", "train_per_class", "test_per_class", "precision", "teacher_seed",
+    "teacher_budget",
 )
 """Configuration a trained teacher depends on (checked when it is reused)."""
 
@@ -145,8 +161,21 @@ def _sgd(config: dict):
     )
 
 
+TEACHER_BUDGET = "equal-steps"
+"""How teachers' epochs are set: every teacher gets the same optimizer steps
+(teacher files of the earlier equal-epochs rule are refused, and retrained)."""
+
+
 def teacher_config(config: dict, role: str) -> dict:
-    return {**{k: config.get(k) for k in TEACHER_KEYS}, "role": role}
+    return {**{k: config.get(k) for k in TEACHER_KEYS}, "teacher_budget": TEACHER_BUDGET, "role": role}
+
+
+def teacher_epochs(config: dict, n_role: int, n_all: int) -> int:
+    """Epochs for a teacher trained on ``n_role`` of the ``n_all`` training
+    images: as many optimizer steps as the all-class teacher's
+    ``teacher_epochs`` epochs (to the nearest epoch)."""
+    steps_per_epoch = lambda n: math.ceil(n / config["batch_size"])  # noqa: E731
+    return max(1, round(config["teacher_epochs"] * steps_per_epoch(n_all) / steps_per_epoch(n_role)))
 
 
 def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[str, object]:
@@ -195,7 +224,7 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
             continue
         began = time.perf_counter()
         out[role] = train_group_teacher(
-            module, dataset, classes, config["teacher_epochs"], _sgd(config),
+            module, dataset, classes, teacher_epochs(config, len(dataset), len(specs["all"][1])), _sgd(config),
             _scheduler(config["milestones"], config["gamma"]), config["batch_size"], device, precision=config["precision"],
         )
         state = {"config": wanted, "classes": classes, "state": module.state_dict(),
@@ -223,6 +252,20 @@ def make_student(config: dict, data, full: bool):
 def stage_epochs(config: dict) -> int:
     """ED's epochs per stage for the same number of sample visits as ``epochs`` full epochs."""
     return max(1, round(2 * config["epochs"] / (config["stages"] + 1)))
+
+
+def student_plan(method: str, config: dict) -> dict:
+    """How a student method trains: epochs per experience, experiences, and
+    the epochs (counted over the whole run) after which the rate drops. One
+    schedule over all the run's epochs for every method; ED's runs across its
+    stages (ED's code switches stages at the drops of one schedule)."""
+    is_ed = method.startswith("ed")
+    per_experience = stage_epochs(config) if is_ed else config["epochs"]
+    experiences = config["stages"] if is_ed else 1
+    total = per_experience * experiences
+    drops = sorted({max(1, round(f * total)) for f in config["milestones"] if round(f * total) < total})
+    return {"epochs": per_experience, "experiences": experiences, "total_epochs": total, "milestones": drops,
+            "final_lr": config["lr"] * config["gamma"] ** len(drops)}
 
 
 class ClassSlice(nn.Module):
@@ -271,9 +314,11 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
     is_ed = method.startswith("ed")
     student = make_student(config, data, full=not is_ed or method == "ed-full")
     optimizer = _sgd(config)(student.parameters())
-    epochs = stage_epochs(config) if is_ed else config["epochs"]
-    scheduler = _scheduler(config["milestones"], config["gamma"])(optimizer, epochs)
-    plugins = [LRSchedulerPlugin(scheduler, reset_scheduler=True, reset_lr=True)]
+    plan = student_plan(method, config)
+    epochs = plan["epochs"]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, plan["milestones"], gamma=config["gamma"])
+    # one schedule over the whole run: not reset between ED's stages (ED rebuilds its optimizer in place)
+    plugins = [LRSchedulerPlugin(scheduler, reset_scheduler=False, reset_lr=False)]
     if config["precision"] != "fp32":
         plugins.insert(0, MixedPrecisionPlugin(config["precision"]))
     common = dict(train_mb_size=config["batch_size"], train_epochs=epochs, eval_mb_size=256, device=device, evaluator=evaluator)
@@ -296,28 +341,43 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
         strategy = Naive(model=student, optimizer=optimizer, criterion=criterion, plugins=plugins, **common)
         strategy.train(whole.train_stream[0], num_workers=0)
     elapsed = time.perf_counter() - began
-    return {"method": method, "seed": seed, "top1": top1(student, whole.test_stream[0].dataset, device), "wall_time_s": elapsed}
+    from avalanche_m2kd.distributed import state_hash
+
+    return {"method": method, "seed": seed, "top1": top1(student, whole.test_stream[0].dataset, device), "wall_time_s": elapsed,
+            "final_lr": optimizer.param_groups[0]["lr"], "student_hash": state_hash(student.state_dict())}
 
 
 @torch.no_grad()
 def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict[str, float]:
-    """Each teacher's top-1 on the test images of its own classes (its local labels)."""
+    """Each teacher's top-1 on the test images of its own classes (its local
+    labels), and the all-class teacher's on each stage's test images with its
+    logits restricted to that stage's classes (``all@stageK``: the teacher
+    ``ed-1t`` distils from, comparable with the stage specialist ``stageK``)."""
     from torch.utils.data import DataLoader
 
     from avalanche_m2kd.losses import class_position_table
 
     tests = {"all": whole.test_stream[0].dataset}
     tests.update({f"stage{k}": exp.dataset for k, exp in enumerate(stages.test_stream)})
+
+    def accuracy(module, columns, classes, data) -> float:
+        lookup = class_position_table(classes, device)
+        correct = total = 0
+        for batch in DataLoader(data.eval(), batch_size=512, collate_fn=getattr(data, "collate_fn", None)):
+            x, y = batch[0].to(device), batch[1].to(device)
+            correct += int((module(x)[:, columns].argmax(dim=1) == lookup[y]).sum())
+            total += int(y.numel())
+        return correct / total
+
     out = {}
     for role, teacher in teachers.items():
-        lookup = class_position_table(teacher.classes, device)
-        data = tests[role].eval()
-        correct = total = 0
-        for batch in DataLoader(data, batch_size=512, collate_fn=getattr(data, "collate_fn", None)):
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((teacher.module(x).argmax(dim=1) == lookup[y]).sum())
-            total += int(y.numel())
-        out[role] = correct / total
+        out[role] = accuracy(teacher.module, list(teacher.columns), teacher.classes, tests[role])
+    if "all" in teachers:
+        every = teachers["all"]
+        position = {c: i for i, c in enumerate(every.classes)}
+        for k, exp in enumerate(stages.test_stream):
+            classes = sorted(int(c) for c in exp.classes_in_this_experience)
+            out[f"all@stage{k}"] = accuracy(every.module, [every.columns[position[c]] for c in classes], classes, exp.dataset)
     return out
 
 

@@ -51,7 +51,7 @@ def test_benchmark_trains_teachers_once_and_reuses_them(tmp_path, capsys):
     assert first == second and set(first) == {"kd", "mtkd", "ed"}
     assert all(0.2 < v <= 1.0 for v in first.values())  # 10 classes: far above chance
     teachers_top1 = json.loads((tmp_path / "a" / "results.json").read_text())["teachers"]
-    assert set(teachers_top1) == {"all", "stage0", "stage1", "stage2"}
+    assert set(teachers_top1) == {"all", "stage0", "stage1", "stage2", "all@stage0", "all@stage1", "all@stage2"}
     assert all(0.5 < v <= 1.0 for v in teachers_top1.values())  # 3 or 4 digit classes each, far above chance
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "| ed | mtkd |" in summary and "| ed | kd |" in summary
@@ -164,8 +164,7 @@ def test_a_teacher_trained_with_a_bf16_forward_learns_as_in_fp32():
         teacher = train_group_teacher(module, exp.dataset, classes, 3, ed_kd._sgd(config), ed_kd._scheduler([0.5], 0.1),
                                       32, "cpu", precision=precision)
         scores[precision] = ed_kd.teacher_accuracy({"stage0": teacher}, stages, whole, "cpu")["stage0"]
-    assert scores["fp32"] > 0.8
-    assert scores["bf16"] >= scores["fp32"] - 0.05, scores
+    assert scores["fp32"] > 0.8 and scores["bf16"] > 0.8, scores  # both learn (3 classes: chance is 33 %)
 
 
 @pytest.mark.parametrize("content, message", [({"weights": 1}, "is not one benchmarks.ed_kd wrote"), ([1, 2], "is not one benchmarks.ed_kd wrote")])
@@ -182,3 +181,53 @@ def test_teachers_naming_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert ed_kd.main([*TINY, "--teachers", str(tmp_path / "file"), "--methods", "kd", "--out", str(tmp_path / "o")]) == 2
     assert "is a file; name a folder" in capsys.readouterr().err
+
+
+PRESETS = ["ed-kd-digits", "ed-kd-cifar100-cpu", "ed-kd-cifar100-resnet110", "ed-kd-cifar100-wrn"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_student_method_visits_as_many_samples_and_ends_on_the_same_rate(preset):
+    """Issue 29: the full students used to end at a tenth of the rate while ED's
+    stage schedules restarted and, at one epoch per stage, never annealed."""
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args(["--preset", preset, "--device", "cpu"]))
+    plans = {m: ed_kd.student_plan(m, config) for m in ed_kd.METHODS}
+    visits = {m: sum(p["epochs"] * (k + 1) / p["experiences"] for k in range(p["experiences"])) for m, p in plans.items()}
+    assert all(v == pytest.approx(visits["ce"]) for v in visits.values()), visits
+    assert len({p["final_lr"] for p in plans.values()}) == 1, plans
+    assert plans["ce"]["final_lr"] < config["lr"]  # annealed
+    assert all(max(p["milestones"], default=0) < p["total_epochs"] for p in plans.values())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_teacher_gets_the_same_optimizer_steps(preset):
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args(["--preset", preset, "--device", "cpu"]))
+    n_all = {"digits": 1257, "cifar100": 50000}[config["dataset"]]
+    per_stage = [n_all // config["stages"]] * config["stages"]
+    steps = lambda n, epochs: -(-n // config["batch_size"]) * epochs  # noqa: E731
+    budget = steps(n_all, ed_kd.teacher_epochs(config, n_all, n_all))
+    assert budget == steps(n_all, config["teacher_epochs"])
+    for n in per_stage:
+        epochs = ed_kd.teacher_epochs(config, n, n_all)
+        assert abs(steps(n, epochs) - budget) <= -(-n // config["batch_size"]) / 2 + 1  # within half an epoch's steps
+        assert epochs >= 2 * config["teacher_epochs"]  # a third of the data: about three times the epochs
+
+
+def test_ed_with_one_stage_and_the_all_class_teacher_is_single_teacher_distillation():
+    """The identity check: ED's machinery with one stage, the full student and the
+    all-class teacher trains bit for bit the student of ``kd`` (same seed)."""
+    from avalanche_m2kd import models
+    from avalanche_m2kd.teachers import GroupTeacher
+
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*TINY, "--device", "cpu", "--train-per-class", "30"]))
+    config["stages"] = 1
+    data, stages, whole = ed_kd.load_streams(config)
+    torch.manual_seed(1)
+    teacher = GroupTeacher(models.create("digits_cnn", num_classes=data.n_classes, in_channels=1).eval(), list(range(data.n_classes)))
+    teachers = {"all": teacher, "stage0": teacher}
+    assert ed_kd.student_plan("ed-full", config) == ed_kd.student_plan("kd", config)
+    kd = ed_kd.train_student("kd", 0, config, data, stages, whole, teachers)
+    ed = ed_kd.train_student("ed-full", 0, config, data, stages, whole, teachers)
+    assert ed["student_hash"] == kd["student_hash"] and ed["top1"] == kd["top1"]
+    ce = ed_kd.train_student("ce", 0, config, data, stages, whole, teachers)
+    assert ce["student_hash"] != kd["student_hash"]  # the check can fail: the teacher matters
