@@ -21,7 +21,7 @@ semantics as DDP with plain collectives instead:
 Put the plugin first in the strategy's plugin list, so its end-of-experience
 synchronisation precedes every snapshot.
 
-Why not a DDP wrapper: it takes the same steps (``benchmarks.ddp_sync`` finds
+Why not a DDP wrapper: it takes the same steps (``benchmarks.studies.ddp_sync`` finds
 identical weights), its overlap of all-reduce and backward won nothing on a
 2-process CPU run (README), and it renames every module that M2KD's taps,
 snapshots and checkpoints address by name.

@@ -110,27 +110,38 @@ CLAIMS = [
 PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")
 
 
-def paired_differences(runs: List[dict], pairs=CLAIMS, metrics=PAIRED_METRICS) -> List[dict]:
-    """For each pair of strategies that both ran on some seeds: per seed,
-    ``metric(method) - metric(baseline)`` on the same seed; their mean, sample
-    std, and how many seeds the method won."""
-    table = {(r["strategy"], r["seed"]): run_scalars(r) for r in runs}
+def paired_stats(diffs: List[float]) -> dict:
+    """Per-seed differences, their mean, sample std (0 for one seed) and wins."""
+    return {
+        "per_seed": diffs,
+        "mean": float(np.mean(diffs)),
+        "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+        "wins": sum(d > 0 for d in diffs),
+    }
+
+
+def paired_table(values: Dict[tuple, float], pairs) -> List[dict]:
+    """``values[(name, seed)]`` compared pair by pair on the seeds both ran:
+    ``{"method", "baseline", "seeds", **paired_stats}`` per pair that ran."""
     out = []
     for method, baseline in pairs:
-        seeds = sorted(s for (n, s) in table if n == method and (baseline, s) in table)
-        if not seeds:
-            continue
-        row = {"method": method, "baseline": baseline, "seeds": seeds}
-        for key in metrics:
-            diffs = [table[(method, s)][key] - table[(baseline, s)][key] for s in seeds]
-            row[key] = {
-                "per_seed": diffs,
-                "mean": float(np.mean(diffs)),
-                "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
-                "wins": sum(d > 0 for d in diffs),
-            }
-        out.append(row)
+        seeds = sorted(s for (n, s) in values if n == method and (baseline, s) in values)
+        if seeds:
+            out.append({"method": method, "baseline": baseline, "seeds": seeds,
+                        **paired_stats([values[(method, s)] - values[(baseline, s)] for s in seeds])})
     return out
+
+
+def paired_differences(runs: List[dict], pairs=CLAIMS, metrics=PAIRED_METRICS) -> List[dict]:
+    """For each pair of strategies that both ran on some seeds: per metric,
+    :func:`paired_table`'s statistics of ``metric(method) - metric(baseline)``."""
+    scalars = {(r["strategy"], r["seed"]): run_scalars(r) for r in runs}
+    rows: Dict[tuple, dict] = {}
+    for key in metrics:
+        for row in paired_table({k: v[key] for k, v in scalars.items()}, pairs):
+            entry = rows.setdefault((row["method"], row["baseline"]), {k: row[k] for k in ("method", "baseline", "seeds")})
+            entry[key] = {k: row[k] for k in ("per_seed", "mean", "std", "wins")}
+    return list(rows.values())
 
 
 def paired_markdown(rows: List[dict]) -> str:

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from benchmarks import growth, speed, teacher_pass
+from benchmarks.studies import growth, speed, teacher_pass
 
 
 def test_growth_reports_capacity_bytes_and_time(tmp_path):
@@ -83,7 +83,7 @@ def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp
     import torch
 
     from avalanche_m2kd import models
-    from benchmarks import target_drift
+    from benchmarks.studies import target_drift
 
     torch.manual_seed(0)
     nets = [models.create("digits_cnn", num_classes=6) for _ in range(3)]
@@ -105,7 +105,7 @@ def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp
 
 
 def test_target_drift_refuses_what_it_cannot_read(tmp_path, capsys):
-    from benchmarks import target_drift
+    from benchmarks.studies import target_drift
 
     _drift_checkpoint(tmp_path / "packnet.ckpt", [], [], kind="packnet")
     for name, message in [("missing.ckpt", "no such checkpoint"), ("packnet.ckpt", "only the full store")]:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avalanche_m2kd import RoutedDistillationPlugin
-from benchmarks import ed_kd
+from benchmarks.studies import ed_kd
 
 TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "0", "--quiet"]
 
@@ -167,7 +167,7 @@ def test_a_teacher_trained_with_a_bf16_forward_learns_as_in_fp32():
     assert scores["fp32"] > 0.8 and scores["bf16"] > 0.8, scores  # both learn (3 classes: chance is 33 %)
 
 
-@pytest.mark.parametrize("content, message", [({"weights": 1}, "is not one benchmarks.ed_kd wrote"), ([1, 2], "is not one benchmarks.ed_kd wrote")])
+@pytest.mark.parametrize("content, message", [({"weights": 1}, "is not one benchmarks.studies.ed_kd wrote"), ([1, 2], "is not one benchmarks.studies.ed_kd wrote")])
 def test_a_teacher_file_of_the_wrong_shape_is_one_line(tmp_path, capsys, content, message):
     teachers = tmp_path / "teachers"
     teachers.mkdir()

@@ -125,7 +125,7 @@ def test_two_processes_with_torchrun_hold_identical_models_and_snapshots(tmp_pat
 def test_one_allreduce_after_backward_takes_the_same_steps_as_distributed_data_parallel():
     """Why DataParallelSync and not a DDP wrapper is sound: from the same start,
     on different batches per rank, both leave the same weights (2 gloo processes)."""
-    from benchmarks import ddp_sync
+    from benchmarks.studies import ddp_sync
 
     args = ddp_sync.build_parser().parse_args(["--model", "cifar_cnn", "--classes", "10", "--batch-size", "8",
                                                "--iterations", "1", "--warmup", "0", "--repeats", "1",

@@ -54,7 +54,7 @@ def test_the_handlers_leave_a_callers_own_handler_alone():
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.mark.parametrize("module", ["benchmarks.compare", "benchmarks.ed_kd"])
+@pytest.mark.parametrize("module", ["benchmarks.compare", "benchmarks.studies.ed_kd"])
 def test_sigterm_during_start_up_ends_in_one_line(module, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", module, "--out", str(tmp_path / "out")], cwd=ROOT, env=env,

@@ -1,8 +1,8 @@
 """Gradient averaging across processes: ``DataParallelSync``'s one all-reduce
 after backward against torch's ``DistributedDataParallel`` (a benchmark, not a test).
 
-    python -m benchmarks.ddp_sync                      # 2 processes, gloo, ResNet-32, batch 64 each
-    python -m benchmarks.ddp_sync --device cuda        # one process per GPU, nccl
+    python -m benchmarks.studies.ddp_sync                      # 2 processes, gloo, ResNet-32, batch 64 each
+    python -m benchmarks.studies.ddp_sync --device cuda        # one process per GPU, nccl
 
 Every process trains the same model (same init) on its own batch. Three ways
 to take a step, interleaved over the repeats, each reported as the median
@@ -143,7 +143,7 @@ def report(result: dict) -> str:
         f"({result['parameters']:,} parameters), batch {c['batch_size']} per process",
         "",
         f"Median over {c['repeats']} repeats of {c['iterations']} iterations; torch {result['torch']}.",
-        f"Command: `{result.get('command', 'python -m benchmarks.ddp_sync')}`.",
+        f"Command: `{result.get('command', 'python -m benchmarks.studies.ddp_sync')}`.",
         "",
         "| way | ms / iteration | vs none |",
         "|---|---|---|",
@@ -158,7 +158,7 @@ def report(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ddp_sync", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.ddp_sync", description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=2, help="processes (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--model", default="resnet32_icarl", choices=sorted(models.MODELS))
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     if args.world < 2:
         raise SystemExit("error: --world must be at least 2 (one process has nothing to average)")
     result = run(args)
-    result["command"] = "python -m benchmarks.ddp_sync " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = "python -m benchmarks.studies.ddp_sync " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ddp_sync.json").write_text(json.dumps(result, indent=2) + "\n")

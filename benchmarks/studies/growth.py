@@ -1,7 +1,7 @@
 """How M2KD's costs grow over a long stream (a benchmark, not a test).
 
-    python -m benchmarks.growth                      # 20 experiences, small CNN, packnet / sparse / full
-    python -m benchmarks.growth --experiences 50 --stores packnet
+    python -m benchmarks.studies.growth                      # 20 experiences, small CNN, packnet / sparse / full
+    python -m benchmarks.studies.growth --experiences 50 --stores packnet
 
 Synthetic Split-CIFAR-shaped data (3x32x32, 2 classes per experience). After
 each experience: the packnet store's free capacity, the bytes every store
@@ -24,7 +24,7 @@ def measure(store: str, args) -> list:
     from avalanche.training.templates import SupervisedTemplate
 
     from avalanche_m2kd import M2KDPlugin, models
-    from benchmarks.harness import IterationTimer, synthetic_split_cifar
+    from benchmarks.studies.harness import IterationTimer, synthetic_split_cifar
 
     torch.manual_seed(0)
     bm = synthetic_split_cifar([args.batch_size * args.iterations // 2] * args.experiences)
@@ -59,7 +59,7 @@ def markdown(results: dict, args) -> str:
     lines = [
         f"# M2KD over {args.experiences} experiences: {args.model}, batch {args.batch_size}, prune ratio {args.prune_ratio}",
         "",
-        f"Command: `python -m benchmarks.growth --experiences {args.experiences} --model {args.model} --stores {','.join(stores)}`",
+        f"Command: `python -m benchmarks.studies.growth --experiences {args.experiences} --model {args.model} --stores {','.join(stores)}`",
         "",
         "| experience | teachers | packnet free | " + " | ".join(f"{s} held (kB)" for s in stores)
         + " | full copies (kB) | " + " | ".join(f"{s} ms/iter" for s in stores) + " |",
@@ -79,7 +79,7 @@ def markdown(results: dict, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.growth", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.growth", description=__doc__.split("\n\n")[0])
     p.add_argument("--experiences", type=int, default=20)
     p.add_argument("--model", default="cifar_cnn")
     p.add_argument("--batch-size", type=int, default=64)

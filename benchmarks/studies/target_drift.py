@@ -1,6 +1,6 @@
 """How far the older snapshots' targets are from the last one's (a diagnostic, not a test).
 
-    python -m benchmarks.target_drift runs/b0-10-ckpt/m2kd-icarl-seed0.ckpt \\
+    python -m benchmarks.studies.target_drift runs/b0-10-ckpt/m2kd-icarl-seed0.ckpt \\
         runs/b0-10-free-ckpt/m2kd-bce-seed0.ckpt --dataset npz:data/cifar100.npz
 
 M2KD differs from distilling from the last model only in the targets of the
@@ -28,10 +28,10 @@ from avalanche_m2kd import datasets, models
 from avalanche_m2kd.snapshots import load_state_reshaped
 from avalanche_m2kd.taps import AUX_ATTRIBUTE
 
-from . import report
-from .compare import OneLineParser, UsageError
+from benchmarks import report
+from benchmarks.compare import OneLineParser, UsageError
 
-PROG = "python -m benchmarks.target_drift"
+PROG = "python -m benchmarks.studies.target_drift"
 
 
 def _snapshots(path: Path) -> tuple[dict, List[dict], List[List[int]]]:

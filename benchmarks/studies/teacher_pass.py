@@ -1,14 +1,14 @@
 """Where M2KD's teacher time goes (a profile, not a test).
 
-    python -m benchmarks.teacher_pass                         # ResNet-32 and the small CNN
-    python -m benchmarks.teacher_pass --models resnet32 --snapshots 9
+    python -m benchmarks.studies.teacher_pass                         # ResNet-32 and the small CNN
+    python -m benchmarks.studies.teacher_pass --models resnet32 --snapshots 9
 
 In one process, on the same input batch, timed in turn within every repeat
 (medians of ``--repeats``):
 ``snapshots`` plain inference forwards of the live model; M2KD's whole teacher
 pass (``TeacherSet.run_all`` over that many full-store snapshots: routing,
 per-teacher bookkeeping, the Python loop), without auxiliary heads and with them on
-the model's default ``aux_layers`` (as ``benchmarks.speed`` runs M2KD); the
+the model's default ``aux_layers`` (as ``benchmarks.studies.speed`` runs M2KD); the
 multi-model loss and its backward; and one training step of the model. The ratio teacher pass / plain forwards is the
 overhead the issue's "1.1x of the plain forwards" target is about, without the
 noise of comparing times taken in different processes. Writes teacher_pass.json
@@ -117,7 +117,7 @@ def markdown(rows: list, args) -> str:
     lines = [
         f"# M2KD's teacher pass: {args.snapshots} snapshots, batch {args.batch_size}, {args.threads} threads",
         "",
-        f"Medians of {args.repeats}, one process; command: `python -m benchmarks.teacher_pass --models "
+        f"Medians of {args.repeats}, one process; command: `python -m benchmarks.studies.teacher_pass --models "
         f"{args.models} --snapshots {args.snapshots} --batch-size {args.batch_size}`",
         "",
         "| model | aux heads | plain forwards (ms) | teacher pass (ms) | group losses + backward (ms) | training step (ms) "
@@ -135,7 +135,7 @@ def markdown(rows: list, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.teacher_pass", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.teacher_pass", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet32,cifar_cnn", help="comma-separated model names")
     p.add_argument("--snapshots", type=int, default=9)
     p.add_argument("--batch-size", type=int, default=128)

@@ -1,7 +1,7 @@
 """Speed and memory of M2KD's teachers against Naive and LwF (a benchmark, not a test).
 
-    python -m benchmarks.speed                           # ResNet-32, 3x32x32, batch 128, 9 snapshots
-    python -m benchmarks.speed --model cifar_cnn --repeats 5
+    python -m benchmarks.studies.speed                           # ResNet-32, 3x32x32, batch 128, 9 snapshots
+    python -m benchmarks.studies.speed --model cifar_cnn --repeats 5
 
 Every mode runs in its own process (so peak memory is its own), the modes
 interleaved over the repeats; each figure is the median over repeats. A run
@@ -65,7 +65,7 @@ def worker(spec: dict) -> dict:
 
     from avalanche_m2kd import M2KD, EducationDistillation, models
     from avalanche_m2kd.precision import MixedPrecisionPlugin
-    from benchmarks.harness import IterationTimer, synthetic_split_cifar
+    from benchmarks.studies.harness import IterationTimer, synthetic_split_cifar
 
     torch.manual_seed(0)
     torch.set_num_threads(spec["threads"])
@@ -170,7 +170,7 @@ def _inference_floor(model, batch: int, channels: int, side: int, snapshots: int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.studies.speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet32", help="resnet32 (default), resnet20, cifar_cnn, ...")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--snapshots", type=int, default=9, help="existing snapshots (default 9: experience 10)")
@@ -191,7 +191,7 @@ def run_modes(args) -> Dict[str, List[dict]]:
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
-        raise SystemExit(f"python -m benchmarks.speed: error: unknown modes {unknown}; choose from {', '.join(MODES)}")
+        raise SystemExit(f"python -m benchmarks.studies.speed: error: unknown modes {unknown}; choose from {', '.join(MODES)}")
     results: Dict[str, List[dict]] = {m: [] for m in modes}
     env = dict(os.environ)
     if args.tune_malloc:
@@ -200,10 +200,10 @@ def run_modes(args) -> Dict[str, List[dict]]:
         for mode in modes:  # interleaved, so that slow phases of the machine hit every mode alike
             spec = dict(mode=mode, model=args.model, batch_size=args.batch_size, snapshots=args.snapshots,
                         iterations=args.iterations, epochs=args.epochs, threads=args.threads)
-            out = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--worker", json.dumps(spec)],
-                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], env=env)
+            out = subprocess.run([sys.executable, "-m", "benchmarks.studies.speed", "--worker", json.dumps(spec)],
+                                 capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], env=env)
             if out.returncode != 0:
-                raise SystemExit(f"python -m benchmarks.speed: error: mode {mode} failed: {out.stderr.strip().splitlines()[-1]}")
+                raise SystemExit(f"python -m benchmarks.studies.speed: error: mode {mode} failed: {out.stderr.strip().splitlines()[-1]}")
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"repeat {repeat + 1}/{args.repeats} {mode}: {json.dumps({k: v for k, v in results[mode][-1].items() if k != 'epochs_s'})}", flush=True)
     return results
@@ -257,7 +257,7 @@ def markdown(summary: dict) -> str:
         f"# Speed: {c['model']}, batch {c['batch_size']}, {c['snapshots']} snapshots, {c['threads']} threads",
         "",
         f"Median of {c['repeats']} repeats, each mode in its own process; command: "
-        f"`python -m benchmarks.speed --model {c['model']} --batch-size {c['batch_size']} --snapshots {c['snapshots']} "
+        f"`python -m benchmarks.studies.speed --model {c['model']} --batch-size {c['batch_size']} --snapshots {c['snapshots']} "
         f"--repeats {c['repeats']}{'' if c['modes'] == ','.join(MODES) else ' --modes ' + c['modes']}"
         f"{' --tune-malloc' if c.get('tune_malloc') else ''}`",
         "",

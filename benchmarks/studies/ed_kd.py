@@ -2,7 +2,7 @@
 against the same student trained by cross-entropy, by single-teacher and by
 multi-teacher distillation (issue 16).
 
-    python -m benchmarks.ed_kd --preset ed-kd-cifar100-cpu --dataset npz:data/cifar100.npz --out runs/ed-kd
+    python -m benchmarks.studies.ed_kd --preset ed-kd-cifar100-cpu --dataset npz:data/cifar100.npz --out runs/ed-kd
 
 Methods (one student architecture, data, augmentation, optimizer and budget):
 
@@ -62,8 +62,8 @@ from torch import nn
 from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
 from benchmarks.stopping import run_stoppable
 
-PROG = "python -m benchmarks.ed_kd"
-PRESET_DIR = Path(__file__).parent / "presets" / "ed_kd"
+PROG = "python -m benchmarks.studies.ed_kd"
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "ed_kd"
 METHODS = ("ce", "kd", "mtkd", "ed", "ed-seq", "ed-mse", "ed-full", "ed-1t")
 DESCRIPTIONS = {
     "ce": "full student, cross-entropy only",
@@ -207,7 +207,7 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
             except Exception as err:
                 raise UsageError(f"teacher file {path} cannot be read safely ({type(err).__name__}); delete it to retrain") from None
             if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state"), dict)):
-                raise UsageError(f"teacher file {path} is not one benchmarks.ed_kd wrote (no config or state); delete it to retrain")
+                raise UsageError(f"teacher file {path} is not one benchmarks.studies.ed_kd wrote (no config or state); delete it to retrain")
             if saved.get("config") != wanted or saved.get("classes") != classes:
                 diff = next((k for k in wanted if saved.get("config", {}).get(k) != wanted[k]), "classes")
                 raise UsageError(
@@ -397,17 +397,10 @@ def top1(model, dataset, device) -> float:
 
 # -- report ------------------------------------------------------------------------------------------------------
 def paired(runs: List[dict]) -> List[dict]:
-    """Per-seed top-1 differences for :data:`CLAIMS` that both ran."""
-    table = {(r["method"], r["seed"]): r["top1"] for r in runs}
-    rows = []
-    for method, baseline in CLAIMS:
-        seeds = sorted(s for (m, s) in table if m == method and (baseline, s) in table)
-        if seeds:
-            diffs = [100 * (table[(method, s)] - table[(baseline, s)]) for s in seeds]
-            rows.append({"method": method, "baseline": baseline, "seeds": seeds, "per_seed": diffs,
-                         "mean": float(np.mean(diffs)), "std": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
-                         "wins": sum(d > 0 for d in diffs)})
-    return rows
+    """Per-seed top-1 differences (points) for :data:`CLAIMS` that both ran."""
+    from benchmarks.report import paired_table
+
+    return paired_table({(r["method"], r["seed"]): 100 * r["top1"] for r in runs}, CLAIMS)
 
 
 def summary(document: dict) -> str:
