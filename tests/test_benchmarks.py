@@ -55,14 +55,7 @@ def test_speed_table_ratios_and_floor(tmp_path):
     for mode in ("naive", "lwf", "m2kd-loop"):
         assert table[mode]["iteration_s"] == pytest.approx(statistics.median(r["iteration_s"] for r in summary["runs"][mode]))
     assert [r["snapshots"] for r in summary["runs"]["m2kd-loop"]] == [2]  # 1 snapshot + the timed experience's
-    assert loop["snapshot_bytes"] == loop["full_copy_bytes"] > 0  # the full store, after 2 experiences
-    assert floor["teacher_forwards_s"] == pytest.approx(1 * floor["inference_forward_s"])
-    assert loop["extra_over_naive_vs_teacher_forwards"] == pytest.approx(
-        (loop["iteration_s"] - table["naive"]["iteration_s"]) / floor["teacher_forwards_s"])
-    own = floor["m2kd_loop_teacher_forwards_s"]
-    assert own == pytest.approx(summary["runs"]["m2kd-loop"][0]["inference_forward_s"])
-    assert loop["extra_over_naive_vs_own_teacher_forwards"] == pytest.approx(
-        (loop["iteration_s"] - table["naive"]["iteration_s"]) / own)
+    assert floor["m2kd_loop_teacher_forwards_s"] == pytest.approx(summary["runs"]["m2kd-loop"][0]["inference_forward_s"])
     text = (tmp_path / "speed.md").read_text()
     assert "--modes naive,lwf,m2kd-loop --tune-malloc" in text and "timed in its own process" in text
 

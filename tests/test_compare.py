@@ -44,9 +44,7 @@ def test_runner_writes_every_output(tiny_run):
     run = document["runs"][0]
     assert np.array(run["accuracy_matrix"]).shape == (2, 2)
     assert run["test_sizes"] == [40, 40]
-    assert run["wall_time_s"] > 0
-    m2kd = [r for r in document["runs"] if r["strategy"] == "m2kd"][0]
-    assert m2kd["snapshot_bytes"]["held"] == m2kd["snapshot_bytes"]["full_copies"] > 0  # full store
+    assert run["wall_time_s"] == pytest.approx(sum(run["experience_s"])) and len(run["experience_cpu_s"]) == 2
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
