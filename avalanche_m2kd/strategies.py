@@ -68,8 +68,8 @@ class M2KD(SupervisedTemplate):
         model, optimizer, criterion, train_mb_size, train_epochs, eval_mb_size,
             device, plugins, evaluator, eval_every: as Avalanche's
             ``SupervisedTemplate`` (``train_mb_size`` defaults to
-            :data:`DEFAULT_TRAIN_MB_SIZE`). ``criterion`` is ignored with
-            ``loss="bce"`` (the plugin is the criterion then).
+            :data:`DEFAULT_TRAIN_MB_SIZE`). ``criterion`` (default
+            cross-entropy) is refused with ``loss="bce"``, whose plugin is the criterion.
         mem_size: exemplars kept in total (0 = none, the default), in a
             class-balanced Avalanche ``ParametricBuffer``.
         memory_replay: how the memory is replayed (see
@@ -97,7 +97,7 @@ class M2KD(SupervisedTemplate):
         *,
         model: Module,
         optimizer: Optimizer,
-        criterion: Callable = CrossEntropyLoss(),
+        criterion: Optional[Callable] = None,
         mem_size: int = 0,
         memory_replay: ReplayMode = "concat",
         exemplar_selection: Literal["herding", "random"] = "herding",
@@ -120,7 +120,11 @@ class M2KD(SupervisedTemplate):
             raise ValueError("M2KD: classifier='nme' needs exemplars; set mem_size > 0")
         self.m2kd = M2KDPlugin(**plugin_args)
         if self.m2kd.loss == "bce":
+            if criterion is not None:  # it would be replaced: say so instead of ignoring it
+                raise ValueError("M2KD(loss='bce'): the sigmoid loss is the criterion (the plugin); leave criterion unset")
             criterion = self.m2kd
+        elif criterion is None:
+            criterion = CrossEntropyLoss()
         all_plugins: List[BasePlugin] = list(plugins or []) + [self.m2kd]
         self.replay: Optional[ExemplarReplay] = None
         self.nme: Optional[NMEClassifierPlugin] = None

@@ -55,3 +55,14 @@ class TupleModel(nn.Module):
 def test_a_model_returning_a_tuple_is_refused():
     with pytest.raises(ValueError, match="the model returns a tuple, not a tensor of logits"):
         _train(TupleModel(), [M2KDPlugin()])
+
+
+def test_a_criterion_with_the_sigmoid_form_is_refused_not_replaced():
+    from avalanche_m2kd import M2KD
+
+    model = digits_cnn()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="the sigmoid loss is the criterion"):
+        M2KD(model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), loss="bce")
+    assert M2KD(model=model, optimizer=optimizer, loss="bce").m2kd.loss == "bce"
+    assert isinstance(M2KD(model=model, optimizer=optimizer)._criterion, nn.CrossEntropyLoss)
