@@ -53,6 +53,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models.ed_student import EDStudent
+from ._errors import CheckpointError
+from .exemplars import StreamSamples, buffer_state, load_buffer, sample_ids
+from .models.surgery import conform_incremental_classifiers, grow_student_to_state
+
 FORMAT = "avalanche_m2kd.checkpoint/2"
 """The ``format`` entry of every checkpoint this module writes."""
 
@@ -62,10 +67,6 @@ TMP_MARK = ".m2kd-"
 ours by construction, so a clean-up never touches a user's own ``*.tmp``."""
 _OURS = re.compile(r"^\..+\.m2kd-[A-Za-z0-9_]{8}\.tmp$")
 """Suffix of :func:`atomic_write`'s temporary files."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be written, read or applied; the message says why and what to do."""
 
 
 # -- files ----------------------------------------------------------------------------------
@@ -249,27 +250,6 @@ def _load_optimizer(strategy, state: dict) -> None:
     strategy.optimized_param_id = chosen
 
 
-def conform_incremental_classifiers(model: nn.Module, state: dict) -> None:
-    """Resize every Avalanche ``IncrementalClassifier`` of ``model`` to the
-    width its entry in ``state`` (a model ``state_dict``) has."""
-    from avalanche.models import IncrementalClassifier
-
-    for name, module in model.named_modules():
-        if not isinstance(module, IncrementalClassifier):
-            continue
-        key = f"{name}.classifier.weight" if name else "classifier.weight"
-        if key not in state:
-            continue
-        rows, cols = state[key].shape
-        linear = module.classifier
-        device = linear.weight.device
-        if linear.out_features != rows or linear.in_features != cols:
-            module.classifier = nn.Linear(cols, rows, bias=linear.bias is not None).to(device)
-        units = state.get(key.replace("classifier.weight", "active_units"))
-        if units is not None and units.shape != module.active_units.shape:  # (not grown when masking is off)
-            module.active_units = torch.zeros(units.shape, dtype=units.dtype, device=device)
-
-
 # -- random generators and the clock ------------------------------------------------------------
 def rng_state() -> dict:
     """The states of torch's, CUDA's, numpy's and Python's generators."""
@@ -307,32 +287,12 @@ class _Context:
     experiences: List
     model_state: dict
     _pool: Any = None
-    _positions: Optional[Dict[int, int]] = None
 
     def samples(self, ids: Sequence[int]):
         """The training samples with these ``sample_id``\\ s, in this order."""
         if self._pool is None:
-            if not self.experiences:
-                raise CheckpointError("restoring a replay memory needs the training stream (pass experiences=...)")
-            from avalanche.benchmarks.utils.utils import concat_datasets
-
-            self._pool = concat_datasets([e.dataset for e in self.experiences])
-            self._positions = {int(s): i for i, s in enumerate(sample_ids(self._pool))}
-        try:
-            return self._pool.subset([self._positions[int(i)] for i in ids])
-        except KeyError as err:
-            raise CheckpointError(f"sample {err.args[0]} of the saved memory is not in this training stream") from None
-
-
-def sample_ids(dataset) -> List[int]:
-    """The ``sample_id`` attribute of an Avalanche dataset, as ints."""
-    ids = getattr(dataset, "sample_id", None)
-    if ids is None:
-        raise CheckpointError(
-            "a replay memory can only be checkpointed over datasets with a sample_id attribute: build the stream "
-            "with avalanche_m2kd.datasets.make_benchmark, or add ids with avalanche_m2kd.datasets.with_sample_ids"
-        )
-    return [int(i) for i in ids]
+            self._pool = StreamSamples(self.experiences)
+        return self._pool(ids)
 
 
 @dataclass
@@ -381,33 +341,12 @@ def _module_copy(model: nn.Module, state: Optional[dict]) -> Optional[nn.Module]
     return other
 
 
-def _buffer_state(policy) -> dict:
-    """A class-balanced ``ParametricBuffer``'s groups as sample ids."""
-    return {
-        "seen_groups": sorted(int(g) for g in policy.seen_groups),
-        "groups": {int(g): {"max_size": int(b.max_size), "ids": sample_ids(b.buffer)} for g, b in policy.buffer_groups.items()},
-        "max_size": int(policy.max_size),
-    }
-
-
-def _load_buffer(policy, state: dict, context: _Context) -> None:
-    from avalanche.training.storage_policy import _ParametricSingleBuffer
-
-    policy.max_size = state["max_size"]
-    policy.seen_groups = set(state["seen_groups"])
-    policy.buffer_groups = {}
-    for group, saved in state["groups"].items():
-        single = _ParametricSingleBuffer(saved["max_size"], policy.selection_strategy)
-        single.buffer = context.samples(saved["ids"])
-        policy.buffer_groups[group] = single
-
-
 def _replay_save(plugin, strategy) -> dict:
     from avalanche.training.storage_policy import ParametricBuffer
 
     if not isinstance(plugin.storage_policy, ParametricBuffer):
         raise CheckpointError(f"{type(plugin).__name__}: only ParametricBuffer memories can be checkpointed")
-    return {"memory": _buffer_state(plugin.storage_policy)}
+    return {"memory": buffer_state(plugin.storage_policy)}
 
 
 def _register_builtin_handlers() -> None:
@@ -446,47 +385,21 @@ def _register_builtin_handlers() -> None:
         m2kd_prepare,
     )
 
-    # ED: the student regrows to its saved depth; trained teachers are rebuilt by the factory.
-    def ed_save(p, strategy):
-        return {
-            "stage_classes": [list(c) for c in p.stage_classes],
-            "teacher_lrs": [list(r) for r in p.teacher_lrs],
-            "teachers": [{"classes": t.classes, "columns": t.columns, "state": t.module.state_dict()} for t in p.teachers],
-            "finished": len(p._finished_data),
-            "memory": _buffer_state(p._memory) if p._memory is not None else None,
-        }
-
+    # ED: its own state_dict; the student regrows to its saved depth before the model loads.
     def ed_prepare(p, state, c):
-        from .models.ed_student import EDStudent, grow_student_to_state
-
         if isinstance(c.strategy.model, EDStudent):
             grow_student_to_state(c.strategy.model, c.model_state)
 
-    def ed_load(p, state, c):
-        from .teachers import GroupTeacher
+    def ed_save(p, strategy):
+        return p.state_dict()
 
-        given = len(p.teachers)
-        for i, saved in enumerate(state["teachers"]):
-            if i < given:
-                p.teachers[i].module.load_state_dict(saved["state"])
-                continue
-            if p.teacher_factory is None:
-                raise CheckpointError(f"ED: the checkpoint has {len(state['teachers'])} teachers, this plugin {given}")
-            module = p.teacher_factory(len(saved["classes"])).to(c.strategy.device)
-            module.load_state_dict(saved["state"])
-            p.teachers.append(GroupTeacher(module, saved["classes"], saved["columns"]))
-        p.stage_classes = [list(x) for x in state["stage_classes"]]
-        p.teacher_lrs = [list(x) for x in state["teacher_lrs"]]
-        p._finished_data = [c.experiences[i].dataset for i in range(state["finished"])]
-        if state["memory"] is not None:
-            _load_buffer(p._memory, state["memory"], c)
-        if p.stage_classes:
-            p._params_after_last_stage = {id(q) for q in c.strategy.model.parameters()}
+    def ed_load(p, state, c):
+        p.load_state_dict(state, c.experiences, c.strategy.model, samples=c.samples)
 
     register_plugin_state(EducationDistillationPlugin, ed_save, ed_load, ed_prepare)
 
     # Exemplar memories: sample ids. Our NME classifier: its class means.
-    register_plugin_state(ReplayPlugin, _replay_save, lambda p, state, c: _load_buffer(p.storage_policy, state["memory"], c))
+    register_plugin_state(ReplayPlugin, _replay_save, lambda p, state, c: load_buffer(p.storage_policy, state["memory"], c.samples))
 
     def nme_load(p, state, c):
         p.class_means = {int(k): v.to(c.strategy.device) for k, v in state["class_means"].items()}

@@ -3,7 +3,7 @@ L2-normalised features, read from a named layer of the model."""
 
 from __future__ import annotations
 
-from typing import List, Literal, Optional
+from typing import Callable, List, Literal, Optional, Sequence
 
 import torch
 from avalanche.training.plugins import ReplayPlugin
@@ -15,6 +15,7 @@ from avalanche.training.storage_policy import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from ._errors import CheckpointError
 from .taps import FeatureTaps
 
 
@@ -141,4 +142,63 @@ class ExemplarReplay(ReplayPlugin):
         self.storage_policy.post_adapt(strategy, strategy.experience)
 
 
-__all__ = ["ExemplarReplay", "ReplayMode", "HerdingSelection", "class_balanced_buffer", "extract_features", "icarl_herding_order"]
+
+# -- memories as sample ids (checkpoints and plugin states) ----------------------------------
+def sample_ids(dataset) -> List[int]:
+    """The ``sample_id`` attribute of an Avalanche dataset, as ints."""
+    ids = getattr(dataset, "sample_id", None)
+    if ids is None:
+        raise CheckpointError(
+            "a replay memory can only be checkpointed over datasets with a sample_id attribute: build the stream "
+            "with avalanche_m2kd.datasets.make_benchmark, or add ids with avalanche_m2kd.datasets.with_sample_ids"
+        )
+    return [int(i) for i in ids]
+
+
+class StreamSamples:
+    """The training samples of a stream looked up by ``sample_id`` (built on first use)."""
+
+    def __init__(self, experiences: Sequence):
+        self.experiences = list(experiences)
+        self._pool = self._positions = None
+
+    def __call__(self, ids: Sequence[int]):
+        if self._pool is None:
+            if not self.experiences:
+                raise CheckpointError("restoring a replay memory needs the training stream (pass experiences=...)")
+            from avalanche.benchmarks.utils.utils import concat_datasets
+
+            self._pool = concat_datasets([e.dataset for e in self.experiences])
+            self._positions = {int(s): i for i, s in enumerate(sample_ids(self._pool))}
+        try:
+            return self._pool.subset([self._positions[int(i)] for i in ids])
+        except KeyError as err:
+            raise CheckpointError(f"sample {err.args[0]} of the saved memory is not in this training stream") from None
+
+
+def buffer_state(policy) -> dict:
+    """A class-balanced ``ParametricBuffer``'s groups as sample ids (plain data)."""
+    return {
+        "seen_groups": sorted(int(g) for g in policy.seen_groups),
+        "groups": {int(g): {"max_size": int(b.max_size), "ids": sample_ids(b.buffer)} for g, b in policy.buffer_groups.items()},
+        "max_size": int(policy.max_size),
+    }
+
+
+def load_buffer(policy, state: dict, samples: Callable) -> None:
+    """Restore :func:`buffer_state` into ``policy``; ``samples(ids)`` gives the
+    datasets of those ids (a :class:`StreamSamples`)."""
+    from avalanche.training.storage_policy import _ParametricSingleBuffer
+
+    policy.max_size = state["max_size"]
+    policy.seen_groups = set(state["seen_groups"])
+    policy.buffer_groups = {}
+    for group, saved in state["groups"].items():
+        single = _ParametricSingleBuffer(saved["max_size"], policy.selection_strategy)
+        single.buffer = samples(saved["ids"])
+        policy.buffer_groups[int(group)] = single
+
+__all__ = [
+    "ExemplarReplay", "ReplayMode", "HerdingSelection", "StreamSamples", "buffer_state", "class_balanced_buffer",
+    "extract_features", "icarl_herding_order", "load_buffer", "sample_ids",
+]

@@ -292,3 +292,38 @@ def test_given_teachers_are_used_without_training(digits3):
         strategy.train(exp)
     for t, state in zip(teachers, before):
         assert all(torch.equal(v, t.module.state_dict()[k]) for k, v in state.items())
+
+
+def test_the_plugin_owns_its_state_and_restores_it(digits3):
+    """Issue 28.3: state_dict() / load_state_dict() on the plugin itself (the
+    checkpoint uses them): teachers, stage classes and the revisit memory."""
+    student = ed_small(1, 8)
+    ed = EducationDistillation(
+        model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.05),
+        teacher_factory=lambda n: models.digits_cnn(num_classes=n), teacher_epochs=1, revisit=6,
+        train_mb_size=16, train_epochs=1, evaluator=quiet_evaluator())
+    experiences = list(digits3.train_stream)
+    for exp in experiences[:2]:
+        ed.train(exp, num_workers=0)
+    state = ed.ed.state_dict()
+    assert state["stage_classes"] == ed.ed.stage_classes and len(state["teachers"]) == 2 and state["finished"] == 0
+    assert sum(len(g["ids"]) for g in state["memory"]["groups"].values()) == 6
+
+    fresh = EducationDistillationPlugin(teacher_factory=lambda n: models.digits_cnn(num_classes=n), revisit=6)
+    fresh.load_state_dict(torch.load(_saved(state), weights_only=True), experiences, student)
+    assert fresh.stage_classes == ed.ed.stage_classes
+    for a, b in zip(fresh.teachers, ed.ed.teachers):
+        assert a.classes == b.classes and all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+    restored = fresh.state_dict()["memory"]
+    assert restored == state["memory"]
+    with pytest.raises(ValueError, match="not an EducationDistillationPlugin state"):
+        fresh.load_state_dict({"format": "something else"})
+
+
+def _saved(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # plain data and tensors: loads with weights_only
+    buffer.seek(0)
+    return buffer

@@ -17,8 +17,8 @@ from .ed_student import (
     ed_resnet20,
     ed_small,
     ed_wrn16_2,
-    load_student_state,
 )
+from .surgery import conform_incremental_classifiers, grow_student_to_state, load_student_state
 from .small import SmallConvNet, cifar_cnn, digits_cnn, mnist_cnn
 from .wide_resnet import WideResNet, wrn40_2
 
@@ -31,7 +31,6 @@ __all__ = [
     "ed_resnet20",
     "ed_small",
     "ed_wrn16_2",
-    "load_student_state",
     "SmallConvNet",
     "cifar_cnn",
     "cifar_resnet110",
@@ -99,4 +98,5 @@ def feature_extractor(model: nn.Module) -> nn.Module:
     return body
 
 
+__all__ += ["conform_incremental_classifiers", "grow_student_to_state", "load_student_state"]
 __all__ += ["DEFAULT_AUX_LAYERS", "MODELS", "create", "ed_student_for", "feature_extractor"]

@@ -132,25 +132,6 @@ class EDStudent(DynamicModule):
         self.seen_classes = set(state["seen_classes"])
 
 
-def grow_student_to_state(student: EDStudent, state: dict) -> EDStudent:
-    """Grow a freshly built :class:`EDStudent` to the depth of a saved
-    ``state_dict``, with a head as wide as the saved one (weights untouched)."""
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
-    if depth > student.depth:
-        student.grow_to(depth, state["head.classifier.classifier.weight"].shape[0])
-    return student
-
-
-def load_student_state(student: EDStudent, state: dict) -> EDStudent:
-    """Load a saved :class:`EDStudent` ``state_dict`` into a freshly built
-    student of the same family: grows it to the saved depth and head size first."""
-    from ..checkpoint import conform_incremental_classifiers
-
-    conform_incremental_classifiers(grow_student_to_state(student, state), state)
-    student.load_state_dict(state)
-    return student
-
-
 def _out_features(body: nn.Module, channels: int, size: int) -> int:
     with torch.no_grad():
         was = body.training

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from typing import Callable, Iterable, List, Literal, Optional, Sequence, Tuple, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models.dynamic_optimizers import reset_optimizer
 from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsSelectionStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -23,8 +23,10 @@ from .._experience import (
     check_stream,
     experience_index,
 )
+from .._errors import CheckpointError
 from .._random import own_random_stream
 from ..distributed import broadcast_module
+from ..exemplars import StreamSamples, buffer_state, load_buffer
 from ..losses import SampleDistillation, TeacherOutput, sample_distillation
 from ..precision import Precision, check_precision, scaler_skips_non_finite
 from ..teachers import (
@@ -404,6 +406,50 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             return self.stage_epochs[min(self.stage, len(self.stage_epochs) - 1)]
         return strategy.train_epochs
 
+    # -- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The plugin's own state as plain data and tensors (``torch.save`` it):
+        the stage classes, the teachers (classes, columns, weights), the teacher
+        learning rates, how many stages finished and the revisit memory as
+        sample ids. The student lives in the model's ``state_dict``."""
+        return {
+            "format": "avalanche_m2kd.EducationDistillationPlugin/1",
+            "stage_classes": [list(c) for c in self.stage_classes],
+            "teacher_lrs": [list(r) for r in self.teacher_lrs],
+            "teachers": [{"classes": t.classes, "columns": t.columns, "state": t.module.state_dict()} for t in self.teachers],
+            "finished": len(self._finished_data),
+            "memory": buffer_state(self._memory) if self._memory is not None else None,
+        }
+
+    def load_state_dict(self, state: dict, experiences: Sequence = (), model: Optional[nn.Module] = None,
+                        samples: Optional[Callable] = None) -> None:
+        """Restore :meth:`state_dict`. ``experiences``: the training stream
+        (finished stages and the revisit memory are found there by sample id);
+        ``model``: the student, already grown and loaded (the next stage then
+        rebuilds the optimizer only if it grows again); trained teachers are
+        rebuilt with ``teacher_factory`` on the model's device."""
+        if state.get("format", "avalanche_m2kd.EducationDistillationPlugin/1") != "avalanche_m2kd.EducationDistillationPlugin/1":
+            raise ValueError("not an EducationDistillationPlugin state (unknown 'format')")
+        device = next(model.parameters()).device if model is not None else "cpu"
+        given = len(self.teachers)
+        for i, saved in enumerate(state["teachers"]):
+            if i < given:
+                self.teachers[i].module.load_state_dict(saved["state"])
+                continue
+            if self.teacher_factory is None:
+                raise CheckpointError(f"ED: the state has {len(state['teachers'])} teachers, this plugin {given}")
+            module = self.teacher_factory(len(saved["classes"])).to(device)
+            module.load_state_dict(saved["state"])
+            self.teachers.append(GroupTeacher(module, saved["classes"], saved["columns"]))
+        self.stage_classes = [list(x) for x in state["stage_classes"]]
+        self.teacher_lrs = [list(x) for x in state["teacher_lrs"]]
+        samples = samples or StreamSamples(experiences)
+        self._finished_data = [experiences[i].dataset for i in range(state["finished"])]
+        if state["memory"] is not None:
+            load_buffer(self._memory, state["memory"], samples)
+        if self.stage_classes and model is not None:
+            self._params_after_last_stage = {id(q) for q in model.parameters()}
+
     @staticmethod
     def _rebuild_optimizer_if_grown(strategy, previous: Optional[set]) -> None:
         """Rebuild when the model's parameters differ from the last stage's (it
@@ -419,11 +465,9 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 "EducationDistillationPlugin rebuilds the optimizer when the student grows and supports one "
                 f"parameter group; this optimizer has {len(optimizer.param_groups)}"
             )
-        # Avalanche's reset_optimizer does this but is deprecated in 0.6.0.
-        optimizer.param_groups[0]["params"] = list(model.parameters())
-        optimizer.state = defaultdict(dict)
-        # keep Avalanche's name -> parameter bookkeeping in step with the rebuilt optimizer
-        strategy.optimized_param_id = dict(model.named_parameters())
+        # Avalanche's own rebuild (ED's code makes a new optimizer): a fresh state over the
+        # grown model's parameters; its name -> parameter map keeps Avalanche's bookkeeping in step
+        strategy.optimized_param_id = reset_optimizer(optimizer, model)
 
 
 __all__ = ["EducationDistillationPlugin", "StageSequentialLoader", "default_teacher_optimizer"]
