@@ -37,10 +37,16 @@ def check_cache_mode(owner: str, mode: str) -> None:
         raise ValueError(f"{owner}: teacher_cache must be 'auto', 'exact' or 'off', got {mode!r}")
 
 
-def decide_cache(owner: str, mode: CacheMode, dataset, returns_features: bool = False) -> bool:
-    """``auto``: cache when the training transform is deterministic; ``exact``:
-    the same, but random augmentation (or feature maps) is an error; ``off``."""
+def decide_cache(owner: str, mode: CacheMode, dataset, returns_features: bool = False, batch_augmented: bool = False) -> bool:
+    """``auto``: cache when the training transform is deterministic and no
+    plugin augments whole batches on the device (``batch_augmented``: the
+    inputs then never recur); ``exact``: the same, but random augmentation (or
+    feature maps) is an error; ``off``."""
     if mode == "off":
+        return False
+    if batch_augmented:
+        if mode == "exact":
+            raise ValueError(f"{owner}: teacher_cache='exact' cannot cache inputs augmented on the device (DeviceDataPlugin); use 'off'")
         return False
     if returns_features:
         if mode == "exact":

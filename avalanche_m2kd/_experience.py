@@ -84,6 +84,12 @@ def check_batch(owner: str, experience, x: Tensor, y: Tensor, width: int) -> Non
         )
 
 
+def batch_augmentation(strategy):
+    """The augmentation a plugin of ``strategy`` applies to whole batches on the
+    device (:class:`~avalanche_m2kd.DeviceDataPlugin`), or None."""
+    return next((a for p in strategy.plugins if (a := getattr(p, "batch_augmentation", None)) is not None), None)
+
+
 def check_listed_once(owner: str, plugin, strategy) -> None:
     """A plugin instance appears once in the strategy's plugins (twice, every hook runs twice)."""
     if sum(p is plugin for p in strategy.plugins) > 1:

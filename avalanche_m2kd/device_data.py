@@ -11,7 +11,7 @@ with tensor indexing, with the distribution of torchvision's
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -116,6 +116,13 @@ class DeviceDataPlugin(SupervisedPlugin):
         self.fill = None if fill is None else torch.as_tensor(fill, dtype=torch.float32).flatten()
         self.flip = flip
         self._batches: Optional[DeviceBatches] = None
+
+    @property
+    def batch_augmentation(self) -> Optional[Callable[[Tensor], Tensor]]:
+        """The augmentation this plugin applies to training batches (None
+        without ``augment``): other plugins that train on the same data (ED's
+        stage teachers) or cache outputs per input (the teacher cache) read it."""
+        return self._augment if self.augment else None
 
     def _augment(self, x: Tensor) -> Tensor:
         return random_crop_flip(x, self.padding, self.fill, self.flip)

@@ -109,6 +109,7 @@ def train_group_teacher(
     device: torch.device | str = "cpu",
     lrs: Optional[List[float]] = None,
     precision: Precision = "fp32",
+    augment: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> "GroupTeacher":
     """Train ``module`` (``len(classes)`` outputs) by cross-entropy on the
     samples of ``dataset`` (training transforms), global labels ``classes[i]``
@@ -118,7 +119,9 @@ def train_group_teacher(
     :class:`~avalanche_m2kd.precision.MixedPrecisionPlugin` does): autocast
     keeps each weight's low-precision copy until its context exits, so one
     context around the whole loop would run every forward on the first step's
-    weights, and nothing would be learned. Returns the frozen :class:`GroupTeacher`."""
+    weights, and nothing would be learned. ``augment``: applied to each batch
+    on the device (the augmentation a :class:`~avalanche_m2kd.DeviceDataPlugin`
+    took out of the dataset's transforms). Returns the frozen :class:`GroupTeacher`."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
@@ -134,6 +137,8 @@ def train_group_teacher(
             lrs.append(optimizer.param_groups[0]["lr"])
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
+            if augment is not None:
+                x = augment(x)
             optimizer.zero_grad()
             with autocast(precision, device):
                 logits = module(x)

@@ -86,3 +86,76 @@ def test_runner_device_data_moves_augmentation_off_the_datasets():
     black = torch.zeros(1, 1, 1, dtype=torch.from_numpy(data.x_train[:1]).dtype)
     normalized_black = (black.float() / (255.0 if black.dtype == torch.uint8 else 1.0) - float(data.x_train.mean())) / float(data.x_train.std())
     assert torch.allclose(plugin.fill, normalized_black.flatten(), atol=1e-3)
+
+
+def _device_strategy(plugin, teacher_cache="auto", augment=True):
+    from avalanche.training import Naive
+
+    from avalanche_m2kd.models import digits_cnn
+    from helpers import quiet_evaluator
+
+    model = digits_cnn()
+    return Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), train_mb_size=8, train_epochs=2,
+                 evaluator=quiet_evaluator(), plugins=[plugin, DeviceDataPlugin(augment=augment, padding=2)])
+
+
+def test_device_augmentation_turns_the_teacher_cache_off_instead_of_filling_it(recwarn):
+    """Issue 28.5: the cache used to fill for an epoch, then warn that inputs
+    do not recur. Device augmentation is known up front: no cache, no warning;
+    'exact' is refused; without augmentation the cache is used."""
+    from avalanche_m2kd import M2KDPlugin
+    from helpers import synthetic_stream
+
+    bm = synthetic_stream(n_experiences=2, shape=(1, 8, 8))
+    plugin = M2KDPlugin(teacher_cache="auto")
+    strategy = _device_strategy(plugin)
+    for exp in bm.train_stream:
+        strategy.train(exp, num_workers=0)
+        assert plugin.teacher_set is None or plugin.teacher_set.cache is None
+    assert not [w for w in recwarn if "cannot help" in str(w.message)]
+    strict = _device_strategy(M2KDPlugin(teacher_cache="exact"))
+    strict.train(bm.train_stream[0], num_workers=0)
+    with pytest.raises(ValueError, match="cannot cache inputs augmented on the device"):
+        strict.train(bm.train_stream[1], num_workers=0)
+    plain_plugin = M2KDPlugin(teacher_cache="auto")
+    caches = []
+
+    from avalanche.core import SupervisedPlugin
+
+    class Look(SupervisedPlugin):
+        def before_training_epoch(self, strategy, **kwargs):
+            caches.append(plain_plugin.teacher_set is not None and plain_plugin.teacher_set.cache is not None)
+
+    plain = _device_strategy(plain_plugin, augment=False)
+    plain.plugins.append(Look())
+    for exp in bm.train_stream:
+        plain.train(exp, num_workers=0)
+    assert caches == [False, False, True, True]
+
+
+def test_ed_stage_teachers_train_on_the_device_augmentation(monkeypatch):
+    """The dataset no longer augments under device data: the stage teachers get
+    the plugin's batch augmentation instead of unaugmented images."""
+    from avalanche_m2kd import EducationDistillationPlugin, models
+    from avalanche_m2kd.plugins import ed as ed_module
+    from helpers import synthetic_stream
+
+    seen = {}
+    real = ed_module.train_group_teacher
+
+    def spy(*args, augment=None, **kwargs):
+        seen["augment"] = augment
+        return real(*args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(ed_module, "train_group_teacher", spy)
+    student = models.ed_small(1, 8)
+    plugin = EducationDistillationPlugin(teacher_factory=lambda n: models.digits_cnn(num_classes=n), teacher_epochs=1)
+    device_data = DeviceDataPlugin(augment=True, padding=2)
+    from avalanche.training import Naive
+
+    from helpers import quiet_evaluator
+
+    strategy = Naive(model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.01), criterion=plugin,
+                     train_mb_size=8, train_epochs=1, evaluator=quiet_evaluator(), plugins=[plugin, device_data])
+    strategy.train(synthetic_stream(n_experiences=2, shape=(1, 8, 8)).train_stream[0], num_workers=0)
+    assert seen["augment"] is not None and seen["augment"] == device_data.batch_augmentation

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import (
     accumulate_nonfinite,
+    batch_augmentation,
     check_batch,
     check_finite_terms,
     check_is_criterion,
@@ -284,7 +285,8 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 with own_random_stream(_TEACHER_STREAM + s):  # the student's data stream stays paired with other methods
                     self.teachers.append(self._train_teacher(strategy))
             self._check_teacher_width(strategy, self.teachers[s])
-            cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset)
+            cache = decide_cache("EducationDistillationPlugin", self.teacher_cache, strategy.experience.dataset,
+                                 batch_augmented=batch_augmentation(strategy) is not None)
             self._teacher_set = TeacherSet(
                 self.teachers[: s + 1], cache=cache, precision=self.teacher_precision, inference=self.teacher_inference
             ).to(strategy.device)
@@ -397,6 +399,7 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
             self.teacher_batch_size or strategy.train_mb_size,
             strategy.device,
             lrs=self.teacher_lrs[-1],
+            augment=batch_augmentation(strategy),  # device data: the dataset no longer augments, the plugin does
         )
         broadcast_module(trained.module)  # every rank distils from the same teacher (no-op in a single process)
         return trained

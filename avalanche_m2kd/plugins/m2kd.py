@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from .._cache import CacheMode, check_cache_mode, decide_cache, end_epoch, start_epoch
 from .._experience import (
     accumulate_nonfinite,
+    batch_augmentation,
     check_batch,
     check_finite_terms,
     check_is_criterion,
@@ -534,7 +535,8 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
     def before_training_exp(self, strategy, **kwargs):
         self.snapshots.bind(strategy.model)
         cache = len(self.snapshots) > 0 and decide_cache(
-            "M2KDPlugin", self.teacher_cache, strategy.experience.dataset, returns_features=self.aux == "features" and bool(self.aux_layers)
+            "M2KDPlugin", self.teacher_cache, strategy.experience.dataset,
+            returns_features=self.aux == "features" and bool(self.aux_layers), batch_augmented=batch_augmentation(strategy) is not None,
         )
         self._teacher_set = self.build_teachers(strategy.device, cache=cache)
         self._newest_set = self._build_newest(self._teacher_set, strategy.device)
