@@ -25,10 +25,13 @@ $(STAMP): pyproject.toml Makefile
 venv: $(STAMP)
 
 # The comparison twice: with the digits preset's 200 exemplars, and without a
-# memory (where M2KD's exemplar-free sigmoid form belongs; see README).
+# memory (where M2KD's exemplar-free sigmoid form belongs; see README). Two jobs
+# of one thread each: 87 s against 112 s for one job of two threads (30 runs,
+# 2-core machine; docs/performance.md).
+DEMO_JOBS ?= 2
 demo: $(STAMP)
-	$(PY) -m benchmarks.compare --out results/demo $(DEMO_ARGS)
-	$(PY) -m benchmarks.compare --out results/demo-free --mem-size 0 $(DEMO_ARGS)
+	$(PY) -m benchmarks.compare --out results/demo --jobs $(DEMO_JOBS) $(DEMO_ARGS)
+	$(PY) -m benchmarks.compare --out results/demo-free --mem-size 0 --jobs $(DEMO_JOBS) $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PYTEST)

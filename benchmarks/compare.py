@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --out")
     p.add_argument("--stop-after", type=int, help="stop each run after it trained this many experiences (checkpoint kept; see --resume)")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs (strategy, seed) trained at once, each in its own process with its own checkpoint (default 1)")
+                   help="runs (strategy, seed) trained at once, each in its own process with its own checkpoint and its own copy "
+                        "of the data (default 1; on a 2-core machine 2 jobs of one thread beat 1 job of two)")
     p.add_argument("--threads", type=int,
                    help="torch threads in all, shared by the jobs (default: torch's, i.e. OMP_NUM_THREADS or every core)")
     p.add_argument("--out", default="results/compare", help="output folder (default results/compare)")
