@@ -14,6 +14,11 @@ Outputs in ``--out``: results.json, results.csv, summary.md and plots
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: a stop during them ends in one line
+    from benchmarks.stopping import exit_during_start_up
+
+    exit_during_start_up("python -m benchmarks.compare")
+
 import argparse
 import functools
 import json

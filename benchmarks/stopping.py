@@ -5,6 +5,7 @@ that third-party code swallowed still ends the run at the next safe point."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from typing import Callable, Iterator
@@ -23,6 +24,23 @@ def _on_signal(signum, frame):
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def exit_during_start_up(prog: str) -> None:
+    """Before a command's heavy imports: SIGTERM or Ctrl-C end the process at
+    once with one line and 143 / 130 (nothing can be lost yet). Its
+    :func:`stop_handlers` replace these when the command starts."""
+
+    def leave(signum, frame):
+        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        sys.stderr.write(f"{prog}: {how} during start-up; nothing was trained\n")
+        sys.stderr.flush()
+        os._exit(143 if signum == signal.SIGTERM else 130)
+
+    leave.start_up = True
+    for s in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(s, leave)
+
+
 @contextlib.contextmanager
 def stop_handlers() -> Iterator[None]:
     """SIGTERM and SIGINT handlers that record the request and raise; a
@@ -30,7 +48,7 @@ def stop_handlers() -> Iterator[None]:
     _Requests.signal = 0
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s, handler in previous.items():
-        if handler in (signal.SIG_DFL, signal.default_int_handler):
+        if handler in (signal.SIG_DFL, signal.default_int_handler) or getattr(handler, "start_up", False):
             signal.signal(s, _on_signal)
     try:
         yield

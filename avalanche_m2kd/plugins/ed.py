@@ -7,7 +7,7 @@ from typing import Callable, Iterable, List, Literal, Optional, Sequence, Tuple,
 
 import torch
 from avalanche.core import SupervisedPlugin
-from avalanche.models.dynamic_optimizers import reset_optimizer
+from avalanche.models.dynamic_optimizers import update_optimizer
 from avalanche.training.storage_policy import ParametricBuffer, RandomExemplarsSelectionStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -468,9 +468,12 @@ class EducationDistillationPlugin(SupervisedPlugin, supports_distributed=True):
                 "EducationDistillationPlugin rebuilds the optimizer when the student grows and supports one "
                 f"parameter group; this optimizer has {len(optimizer.param_groups)}"
             )
-        # Avalanche's own rebuild (ED's code makes a new optimizer): a fresh state over the
-        # grown model's parameters; its name -> parameter map keeps Avalanche's bookkeeping in step
-        strategy.optimized_param_id = reset_optimizer(optimizer, model)
+        # Avalanche's own update (ED's code makes a new optimizer): the grown model's parameters,
+        # the discarded head's removed, a fresh state; the name -> parameter map keeps Avalanche's bookkeeping in step
+        strategy.optimized_param_id = update_optimizer(
+            optimizer, dict(model.named_parameters()), optimized_params=strategy.optimized_param_id,
+            reset_state=True, remove_params=True,
+        )
 
 
 __all__ = ["EducationDistillationPlugin", "StageSequentialLoader", "default_teacher_optimizer"]

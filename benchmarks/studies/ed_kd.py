@@ -46,6 +46,11 @@ classes, as ``ed-1t`` uses it) included.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below: a stop during them ends in one line
+    from benchmarks.stopping import exit_during_start_up
+
+    exit_during_start_up("python -m benchmarks.studies.ed_kd")
+
 import argparse
 import json
 import math
@@ -60,7 +65,7 @@ import torch
 from torch import nn
 
 from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
-from benchmarks.stopping import run_stoppable
+from benchmarks.stopping import check_stop, run_stoppable
 
 PROG = "python -m benchmarks.studies.ed_kd"
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets" / "ed_kd"
@@ -231,6 +236,7 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
                  "train_s": time.perf_counter() - began}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
         log(f"teacher {role}: trained in {state['train_s']:.0f} s, saved to {path}")
+        check_stop()
     return out
 
 
@@ -459,6 +465,7 @@ def run(args, argv: List[str]) -> int:
         for method in config["methods"]:
             if (method, seed) in done:
                 continue
+            check_stop()  # a stop swallowed inside a callback ends the run here, the finished runs written
             result = train_student(method, seed, config, data, stages, whole, teachers)
             log(f"{method} seed {seed}: top-1 {100 * result['top1']:.1f}% in {result['wall_time_s']:.0f} s")
             document["runs"].append(result)
