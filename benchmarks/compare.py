@@ -372,9 +372,21 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
             check_can_save(strategy)
         if ckpt is not None and ckpt.resume:
             start = load_checkpoint(strategy, ckpt.path, experiences, expect=meta)
+            if not 0 < start <= len(experiences):
+                raise UsageError(f"checkpoint {ckpt.path} claims {start} trained experiences of {len(experiences)}; "
+                                 "it was not written by this run: remove it to start the run over")
+            recorded = ckpt.side_list("experience_s")
+            # the side file is written right after the checkpoint: a kill between the two leaves it one behind
+            if recorded and len(recorded) not in (start, start - 1):
+                raise UsageError(f"checkpoint {ckpt.path} holds {start} experiences but its side file {len(recorded)}; "
+                                 "one of them was replaced: remove both to start the run over")
             elapsed = ckpt.elapsed()
-            per_experience, cpu_per_experience = ckpt.side_list("experience_s")[:start], ckpt.side_list("experience_cpu_s")[:start]
-            versions = ckpt.side_list("code_versions")[:start]
+
+            def record(key: str) -> list:  # one entry per trained experience (None: not recorded)
+                values = ckpt.side_list(key)[:start]
+                return values + [None] * (start - len(values)) if values else values
+
+            per_experience, cpu_per_experience, versions = record("experience_s"), record("experience_cpu_s"), record("code_versions")
             if versions and versions[-1] != code_version():
                 print(f"{PROG}: warning: {name} seed {seed} was trained to experience {start} by code {versions[-1]} "
                       f"and continues with {code_version()} (both recorded per experience)", file=sys.stderr)

@@ -88,3 +88,21 @@ def test_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, where, content):
     assert compare.main([*args, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "is not a" in err and err.count("\n") == 1
+
+
+def test_a_side_file_that_disagrees_with_its_checkpoint_is_refused(tmp_path, capsys):
+    """A checkpoint's progress is checked against its side file, not trusted as written."""
+    args = [*TINY, "--n-experiences", "3", "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c")]
+    assert compare.main([*args, "--stop-after", "2"]) == 0
+    side = tmp_path / "c" / "naive-seed0.json"
+    state = json.loads(side.read_text())
+    side.write_text(json.dumps(dict(state, experience_s=[1.0, 2.0, 3.0])))
+    capsys.readouterr()
+    assert compare.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 experiences but its side file 3" in err and err.count("\n") == 1
+    # one behind: killed between the checkpoint and its side file; resumed, the missing time is None
+    side.write_text(json.dumps(dict(state, experience_s=state["experience_s"][:1], experience_cpu_s=state["experience_cpu_s"][:1])))
+    assert compare.main([*args, "--resume"]) == 0
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert run["experience_s"][1] is None and len(run["experience_s"]) == 3

@@ -82,7 +82,7 @@ def markdown(runs: List[dict], steps: int, chosen: Dict[str, Optional[int]], tol
         for r in table:
             cells = [f"{100 * a:.1f}" if i < len(r["accuracy"]) else "—" for i, a in enumerate((r["accuracy"] + [0] * steps)[:steps])]
             gaps = [100 * (ref - a) for a, ref in zip(r["accuracy"][:steps], reference)]
-            minutes = [s / 60 for s in r["cpu_s"][:steps]]
+            minutes = [s / 60 if s is not None else float("nan") for s in r["cpu_s"][:steps]]  # None: not recorded
             lines.append(
                 f"| {strategy} | {r['epochs']} | {'/'.join(map(str, r['milestones']))} | " + " | ".join(cells)
                 + f" | {' / '.join(f'{m:.1f}' for m in minutes) or '—'} | {max(gaps):+.1f} |"
