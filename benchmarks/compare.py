@@ -449,8 +449,8 @@ def checkpoint_meta(name: str, seed: int, config: dict) -> dict:
 
 class RunCheckpoint:
     """One run's checkpoint file and its side file (time spent so far); only
-    the main process writes. ``--stop-after`` counts experiences trained by
-    this invocation."""
+    the main process writes. ``--stop-after`` counts the experiences this run
+    trained in this invocation."""
 
     def __init__(self, folder: Path, name: str, seed: int, resume: bool, stop_after: Optional[int]):
         self.path = folder / f"{name}-seed{seed}.ckpt"

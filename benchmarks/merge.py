@@ -27,9 +27,7 @@ from . import report
 from .compare import CHECKPOINT_INDEPENDENT, OneLineParser, UsageError, check_own_folder, lock_folder, read_json
 
 PROG = "python -m benchmarks.merge"
-MERGE_INDEPENDENT = CHECKPOINT_INDEPENDENT + (
-    "description", "preset", "teacher_inference", "m2kd_store", "world_size", "batch_size_per_process"
-)
+MERGE_INDEPENDENT = CHECKPOINT_INDEPENDENT + ("teacher_inference", "m2kd_store", "world_size", "batch_size_per_process")
 """Configuration keys that may differ between merged folders: which runs were
 asked for, where the data lay, the device, and options that change speed but
 not the method (``m2kd_store`` is checked on its own: see ``merge``)."""
@@ -104,6 +102,8 @@ def merge(folders: Sequence[str], renames: Sequence[str] = (), skips: Sequence[s
     sources = []
     for folder, doc in documents:
         keys = sorted((set(first["config"]) | set(doc["config"])) - set(MERGE_INDEPENDENT))
+        if "data_fingerprint" not in first["config"] or "data_fingerprint" not in doc["config"]:
+            keys = [k for k in keys if k != "data_fingerprint"]  # a folder older than data fingerprints
         for k in keys:
             if first["config"].get(k) != doc["config"].get(k):
                 raise UsageError(

@@ -101,3 +101,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, args, m
     assert merge.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_data_fingerprints_must_agree_when_both_folders_have_one(tmp_path, capsys):
+    a = folder(tmp_path, "a", [run("lwf", 0, 0.2)], data_fingerprint="sha256:aa")
+    old = folder(tmp_path, "old", [run("lwf", 1, 0.2)])  # written before fingerprints: accepted
+    assert merge.main([a, old, "--out", str(tmp_path / "m1"), "--no-plots"]) == 0
+    other = folder(tmp_path, "other", [run("lwf", 2, 0.2)], data_fingerprint="sha256:bb")
+    assert merge.main([a, other, "--out", str(tmp_path / "m2"), "--no-plots"]) == 2
+    assert "data_fingerprint" in capsys.readouterr().err
