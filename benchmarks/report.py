@@ -107,6 +107,11 @@ CLAIMS = [
     ("m2kd-bce", "m2kd-bce-icarlhead"),
 ]
 """(method, baseline) pairs whose per-seed differences the report shows when both ran."""
+ED_CLAIMS = (
+    ("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"),
+    ("ed-full", "mtkd"), ("ed-full", "ed"), ("ed-1t", "ed"), ("ed-seq", "ed"), ("ed-mse", "ed"),
+)
+"""The same for ``benchmarks.studies.ed_kd`` (its runs hold ``method`` and ``top1``)."""
 PAIRED_METRICS = ("average_incremental_accuracy", "last_accuracy")
 
 
@@ -329,9 +334,30 @@ def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bo
 
 
 # -- generated tables in Markdown files -------------------------------------------------
-BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>\w+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>[\w-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 """A generated table: ``<!-- results FOLDER KIND [strategies=a,b] -->`` ... ``<!-- /results -->``."""
+def ed_table(runs: List[dict]) -> str:
+    """ED against distillation: each method's top-1, mean ± std over seeds."""
+    lines = ["| method | top-1 (%) | seeds |", "|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in runs):
+        acc = [100 * r["top1"] for r in runs if r["method"] == method]
+        std = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
+        lines.append(f"| {method} | {np.mean(acc):.1f} ± {std:.1f} | {len(acc)} |")
+    return "\n".join(lines) + "\n"
+
+
+def ed_paired_table(runs: List[dict]) -> str:
+    """ED's claims and ablation steps as paired top-1 differences (points)."""
+    lines = ["| method | baseline | per seed | mean ± std | wins |", "|---|---|---|---|---|"]
+    for row in paired_table({(r["method"], r["seed"]): 100 * r["top1"] for r in runs}, ED_CLAIMS):
+        per = ", ".join(f"{d:+.1f}" for d in row["per_seed"])
+        lines.append(f"| {row['method']} | {row['baseline']} | {per} | {row['mean']:+.1f} ± {row['std']:.1f} | {row['wins']}/{len(row['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES = {
+    "ed": ed_table,
+    "ed-paired": ed_paired_table,
     "compact": lambda runs: compact_table(runs),
     "summary": lambda runs: summary_table(aggregate(runs)),
     "paired": lambda runs: paired_markdown(paired_differences(runs)).lstrip("\n"),
@@ -349,7 +375,8 @@ def render_block(folder: str, kind: str, options: str, root: Path) -> str:
         if key != "strategies" or not value:
             raise ValueError(f"unknown table option {option!r} for {folder}; use strategies=a,b")
         order = value.split(",")
-        runs = sorted((r for r in runs if r["strategy"] in order), key=lambda r: (order.index(r["strategy"]), r["seed"]))
+        name = "method" if kind.startswith("ed") else "strategy"
+        runs = sorted((r for r in runs if r[name] in order), key=lambda r: (order.index(r[name]), r["seed"]))
     if not runs:
         raise ValueError(f"{folder}: no runs to tabulate")
     return TABLES[kind](runs)

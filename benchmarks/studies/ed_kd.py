@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from benchmarks.compare import OneLineParser, UsageError, parse_names, parse_seeds, read_json
+from benchmarks.report import ED_CLAIMS
 from benchmarks.stopping import check_stop, run_stoppable
 
 PROG = "python -m benchmarks.studies.ed_kd"
@@ -80,11 +81,7 @@ DESCRIPTIONS = {
     "ed-full": "ED without growth: the full student (last TR head) from the first stage",
     "ed-1t": "ED with the all-class teacher, sliced to each stage's classes, as every stage's teacher",
 }
-CLAIMS = (
-    ("ed", "kd"), ("ed", "mtkd"), ("ed", "ce"), ("mtkd", "kd"),
-    ("ed-full", "mtkd"), ("ed-full", "ed"), ("ed-1t", "ed"), ("ed-seq", "ed"), ("ed-mse", "ed"),
-)
-"""(method, baseline) pairs whose per-seed differences the summary reports."""
+CLAIMS = ED_CLAIMS  # the report's, so that docs tables and this summary pair the same methods
 TEACHER_KEYS = (
     "dataset", "stages", "class_order", "teacher", "teacher_epochs", "batch_size", "lr", "momentum",
     "weight_decay", "milestones", "gamma", "augment", "train_per_class", "test_per_class", "precision", "teacher_seed",
