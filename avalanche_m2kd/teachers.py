@@ -24,6 +24,7 @@ through the teacher of its own group (ED); optionally
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable, Dict, List, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
@@ -400,6 +401,53 @@ class _StackedTeachers:
         return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
 
 
+COMPILED_TOLERANCE = 1e-3
+"""Largest difference allowed between a compiled teacher's first outputs and the
+uncompiled copy's, relative to the largest output (float rounding is far below)."""
+
+
+class _CheckedCompiled:
+    """A compiled teacher forward that proves itself on the first batch of each
+    input shape (each shape compiles anew): its outputs must be finite and equal
+    the uncompiled copy's to :data:`COMPILED_TOLERANCE`; otherwise it warns
+    once and runs uncompiled from then on.
+    Why: torch.compile can return wrong numbers on some CPU and kernel settings
+    (seen: inductor under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine gave
+    NaN and 1e35 logits), and a teacher's outputs become the student's targets."""
+
+    def __init__(self, forward: nn.Module):
+        self.eager = forward
+        self.compiled = torch.compile(forward)
+        self.checked: set = set()  # input shapes whose compiled outputs were compared
+
+    def to(self, device):
+        self.eager.to(device)
+        return self
+
+    def __call__(self, x: Tensor):
+        if self.compiled is self.eager or tuple(x.shape) in self.checked:
+            return self.compiled(x)
+        got, want = self.compiled(x), self.eager(x)
+        pairs = list(zip(_flat(got), _flat(want)))
+        bad = [i for i, (a, b) in enumerate(pairs)
+               if not torch.isfinite(a).all() or (a - b).abs().max() > COMPILED_TOLERANCE * b.abs().max().clamp_min(1e-12)]
+        self.checked.add(tuple(x.shape))
+        if bad:
+            warnings.warn(
+                "teacher_inference='compiled': torch.compile's teacher outputs differ from the uncompiled teacher's "
+                "on this machine; the teachers run uncompiled (use teacher_inference='fused' to skip the compilation)",
+                RuntimeWarning,
+            )
+            self.compiled = self.eager
+            return want
+        return got
+
+
+def _flat(outputs) -> List[Tensor]:
+    out, aux, feats = outputs
+    return [out, *aux, *feats]
+
+
 def _run(forward: Callable, x: Tensor):
     """One teacher's forward; a compiler failure (``inference="compiled"``) names the fix."""
     try:
@@ -473,7 +521,7 @@ class TeacherSet:
         self._runners = [_Forward(m, self.feature_layers, aux_logits) for m in running]
         if inference == "compiled":
             # every teacher shares one compiled graph when their shapes agree (weights are graph inputs)
-            self._runners = [torch.compile(r) for r in self._runners]
+            self._runners = [_CheckedCompiled(r) for r in self._runners]
         self.batched = batched and len(self.teachers) > 1
         self._stacked = _StackedTeachers(running, self.feature_layers, aux_logits) if self.batched else None
         self.cache = OutputCache(len(self.teachers)) if cache else None

@@ -176,3 +176,23 @@ def test_compiled_and_batched_teachers_are_refused_up_front():
         TeacherSet(pair, batched=True, inference="compiled")
     with pytest.raises(ValueError, match="M2KDPlugin: batched_teachers .* use teacher_inference='fused'"):
         M2KDPlugin(batched_teachers=True, teacher_inference="compiled")
+
+
+def test_compiled_teachers_that_give_wrong_numbers_fall_back_to_the_uncompiled_copy(monkeypatch):
+    """torch.compile gave NaN and 1e35 logits under ATEN_CPU_CAPABILITY=avx2 on
+    an AVX-512 machine: the first batch of each shape is checked against the
+    uncompiled copy, and a wrong compiled teacher warns and runs uncompiled."""
+    def broken_compile(module):
+        return lambda x: tuple(t * float("nan") if isinstance(t, torch.Tensor) else t for t in module(x))
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    teacher = GroupTeacher(_trained_statistics(digits_cnn(num_classes=2), x), [0, 1])
+    fused = TeacherSet([teacher]).run_all(x)[0].logits
+    compiled = TeacherSet([teacher], inference="compiled")
+    with pytest.warns(RuntimeWarning, match="differ from the uncompiled teacher's"):
+        first = compiled.run_all(x)[0].logits
+    again = compiled.run_all(x[:4])[0].logits  # another shape: no second check, no second warning
+    assert torch.isfinite(first).all() and (first - fused).abs().max() <= FOLD_RELATIVE_TOLERANCE * fused.abs().max()
+    assert torch.equal(again, first[:4]) or (again - first[:4]).abs().max() <= 1e-6
