@@ -38,5 +38,7 @@ def test_every_strategy_must_agree_and_a_short_run_is_left_out(tmp_path):
         *budget.read_run(_folder(tmp_path, 45, "icarl", [[0.9, 0], [0.6, 0.8]], sizes=(10, 10))),  # two steps only
     ]
     assert budget.choose(runs, 3, 4.0) == {"lwf": 30, "icarl": 70, "all": 70}
+    partial = [r for r in runs if r["strategy"] == "lwf"] + budget.read_run(_folder(tmp_path, 90, "joint", [[0.9, 0], [0.6, 0.8]], sizes=(10, 10)))
+    assert budget.choose(partial, 3, 4.0) == {"lwf": 30, "joint": None, "all": None}  # joint has no budget through step 3
     text = budget.markdown(runs, 3, budget.choose(runs, 3, 4.0), 4.0)
     assert "| icarl | 30 | 1 | 70.0 | 55.0 | 50.0 | 2.0 / 2.0 / 2.0 | +20.0 |" in text

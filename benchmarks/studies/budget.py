@@ -52,12 +52,15 @@ def read_run(folder: Path) -> List[dict]:
 def choose(runs: List[dict], steps: int, tolerance: float) -> Dict[str, Optional[int]]:
     """Per strategy and overall: the smallest budget whose first ``steps``
     accuracies are all within ``tolerance`` points of the largest budget's."""
-    by_strategy: Dict[str, Dict[int, dict]] = {}
+    by_strategy: Dict[str, Dict[int, dict]] = {r["strategy"]: {} for r in runs}
     for r in runs:
         if len(r["accuracy"]) >= steps:
-            by_strategy.setdefault(r["strategy"], {})[r["epochs"]] = r
+            by_strategy[r["strategy"]][r["epochs"]] = r
     chosen: Dict[str, Optional[int]] = {}
     for strategy, table in by_strategy.items():
+        if not table:  # no budget measured through every step yet
+            chosen[strategy] = None
+            continue
         reference = table[max(table)]["accuracy"][:steps]
         ok = [e for e, r in sorted(table.items()) if all(ref - a <= tolerance / 100 for a, ref in zip(r["accuracy"][:steps], reference))]
         chosen[strategy] = ok[0] if ok else None
@@ -87,8 +90,11 @@ def markdown(runs: List[dict], steps: int, chosen: Dict[str, Optional[int]], tol
                 f"| {strategy} | {r['epochs']} | {'/'.join(map(str, r['milestones']))} | " + " | ".join(cells)
                 + f" | {' / '.join(f'{m:.1f}' for m in minutes) or '—'} | {max(gaps):+.1f} |"
             )
-    lines += ["", f"Within {tolerance:g} points of the largest budget at every step: "
-              + ", ".join(f"{k} from {v} epochs" if v else f"{k}: none measured" for k, v in chosen.items()) + "."]
+    complete = {s: sorted(r["epochs"] for r in runs if r["strategy"] == s and len(r["accuracy"]) >= steps)
+                for s in sorted({r["strategy"] for r in runs})}
+    lines += ["", "Budgets measured through every step: " + "; ".join(f"{s} {', '.join(map(str, e)) or 'none yet'}" for s, e in complete.items())
+              + f". Smallest of them within {tolerance:g} points of the largest at every step: "
+              + ", ".join(f"{k} {v} epochs" if v else f"{k} not decided" for k, v in chosen.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
