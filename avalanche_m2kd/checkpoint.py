@@ -63,7 +63,7 @@ FORMAT = "avalanche_m2kd.checkpoint/2"
 
 TMP_SUFFIX = ".tmp"
 TMP_MARK = ".m2kd-"
-"""Temporary files of :func:`atomic_write` are named ``.NAME.m2kd-XXXXXXXX.tmp``:
+"""Temporary files of :func:`atomic_write` are named ``.NAME.m2kd-<8 random characters>.tmp``:
 ours by construction, so a clean-up never touches a user's own ``*.tmp``."""
 _OURS = re.compile(r"^\..+\.m2kd-[A-Za-z0-9_]{8}\.tmp$")
 """Suffix of :func:`atomic_write`'s temporary files."""
