@@ -53,14 +53,14 @@ def own_generator(salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(derived_seed(salt))
 
 
+_EPOCH_STREAM = 0x45504F43  # mixed into every epoch seed (see epoch_seed)
+
+
 def epoch_seed(seed: int, experience: int, epoch: int) -> int:
     """The seed of one training epoch: a function of the run's seed, the
     experience and the epoch only (NumPy's ``SeedSequence`` mixes them)."""
     words = np.random.SeedSequence([int(seed), int(experience), int(epoch), _EPOCH_STREAM]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) ^ int(words[1])
-
-
-_EPOCH_STREAM = 0x45504F43
 
 
 def seed_globally(seed: int) -> None:

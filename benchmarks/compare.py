@@ -314,22 +314,26 @@ class Augmentation:
 
 
 class ResultsNotWritten(Exception):
-    """``--out`` refused the results: they are written beside the checkpoints
-    (or in the temporary folder) instead, and the message says where."""
+    """``--out`` refused the results; the message says where they were kept (:func:`keep_elsewhere`)."""
 
-    def __init__(self, out: Path, document: dict, checkpoint: Optional[Path], err: OSError):
-        import tempfile
-
-        kept = None
-        for place in ([checkpoint] if checkpoint is not None else []) + [Path(tempfile.gettempdir())]:
-            try:
-                kept = place / f"results-{os.getpid()}.json"
-                kept.write_text(json.dumps(document, indent=1))
-                break
-            except OSError:
-                kept = None
-        where = f"the {len(document['runs'])} finished runs are in {kept}" if kept else "they could not be kept anywhere"
+    def __init__(self, out: Path, err: OSError, runs: int, kept: Optional[Path]):
+        where = f"the {runs} finished runs are in {kept}" if kept else "they could not be kept anywhere"
         super().__init__(f"cannot write the results to {out} ({type(err).__name__}: {err.strerror or err}); {where}")
+
+
+def keep_elsewhere(document: dict, checkpoint: Optional[Path]) -> Optional[Path]:
+    """The results document written beside the checkpoints, else in the
+    temporary folder; the file's path, or None when neither takes it."""
+    import tempfile
+
+    for place in ([checkpoint] if checkpoint is not None else []) + [Path(tempfile.gettempdir())]:
+        kept = place / f"results-{os.getpid()}.json"
+        try:
+            kept.write_text(json.dumps(document, indent=1))
+            return kept
+        except OSError:
+            continue
+    return None
 
 
 class Stopped(Exception):
@@ -760,7 +764,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
         try:
             report.write_all(out, document, title, notes, plots=plots and not args.no_plots)
         except OSError as err:  # a full disk, a folder made read-only: keep what was trained
-            raise ResultsNotWritten(out, document, folder, err) from None
+            raise ResultsNotWritten(out, err, len(document["runs"]), keep_elsewhere(document, folder)) from None
 
     done = {(r["strategy"], r["seed"]) for r in document["runs"]}
     todo = [(seed, name) for seed in config["seeds"] for name in config["strategies"] if (name, seed) not in done]
