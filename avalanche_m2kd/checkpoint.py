@@ -337,6 +337,8 @@ def _module_copy(model: nn.Module, state: Optional[dict]) -> Optional[nn.Module]
     if state is None:
         return None
     other = copy.deepcopy(model)
+    # The live model may be wider: evaluation grows its heads to every class of the test stream.
+    conform_incremental_classifiers(other, state)
     other.load_state_dict(state)
     return other
 
@@ -373,10 +375,10 @@ def _register_builtin_handlers() -> None:
     def m2kd_prepare(plugin, state, context):
         if state["state"]["groups"]:
             example = torch.as_tensor(context.experiences[0].dataset.eval()[0][0]) if context.experiences else None
-            if example is None and plugin.uses_aux_heads:
+            if example is None and plugin.regularizer.uses_aux_heads:
                 raise CheckpointError("restoring M2KD's auxiliary heads needs the training stream (pass experiences=...)")
             if example is not None:
-                plugin.prepare_model(context.strategy.model, example.to(next(context.strategy.model.parameters()).device))
+                plugin.regularizer.prepare_model(context.strategy.model, example.to(next(context.strategy.model.parameters()).device))
 
     register_plugin_state(
         M2KDPlugin,
