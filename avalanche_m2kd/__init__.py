@@ -7,6 +7,7 @@ from .losses import M2KDLoss
 from .models import EDStudent
 from .plugins import EducationDistillationPlugin, M2KDPlugin, NMEClassifierPlugin, PairedStreamPlugin, RoutedDistillationPlugin
 from .precision import MixedPrecisionPlugin
+from .regularizer import M2KDRegularizer
 from .snapshots import (
     FullSnapshotStore,
     PackNetSnapshotStore,
@@ -29,6 +30,7 @@ __all__ = [
     "M2KD",
     "M2KDLoss",
     "M2KDPlugin",
+    "M2KDRegularizer",
     "MixedPrecisionPlugin",
     "NMEClassifierPlugin",
     "PackNetSnapshotStore",

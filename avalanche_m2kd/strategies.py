@@ -84,11 +84,13 @@ class M2KD(SupervisedTemplate):
             (iCaRL's nearest mean of exemplars, needs ``mem_size > 0``; see
             :class:`~avalanche_m2kd.NMEClassifierPlugin`). ``loss="bce"``,
             herding and ``"nme"`` together are the iCaRL protocol M2KD follows.
-        **plugin_args: the :class:`~avalanche_m2kd.M2KDPlugin` arguments
-            (``temperature``, ``loss``, ``aux_layers``, ``snapshot_store``, ...),
-            with the plugin's defaults.
+        **plugin_args: the :class:`~avalanche_m2kd.M2KDPlugin` arguments: its
+            own (``post_prune_epochs``, ...) and its
+            :class:`~avalanche_m2kd.M2KDRegularizer`'s (``temperature``,
+            ``loss``, ``aux_layers``, ``snapshot_store``, ...), with their defaults.
 
-    The plugin is available as ``strategy.m2kd`` (snapshots: ``strategy.m2kd.snapshots``).
+    The plugin is available as ``strategy.m2kd`` (its regularizer:
+    ``strategy.m2kd.regularizer``; snapshots: ``strategy.m2kd.snapshots``).
     The caller's ``plugins`` list is not modified.
     """
 

@@ -46,6 +46,7 @@ class FeatureTaps:
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str]):
+        self.model = model
         self.names = list(names)
         self._modules = resolve_modules(model, self.names)
         self._handles: list = []

@@ -153,7 +153,6 @@ def _m2kd(icarl_head: bool = False, **overrides):
         model = _model(setup, fixed_head=icarl_head)
         optimizer = make_optimizer(model.parameters(), name, setup.config)
         kwargs = dict(
-            aux_layers=tuple(models.DEFAULT_AUX_LAYERS[setup.config["model"]]),
             teacher_precision=setup.config.get("precision", "fp32"),
         )
         if setup.config.get("m2kd_store"):

@@ -72,3 +72,16 @@ class ModelCopies(SupervisedPlugin):
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+def batch_terms(regularizer, model, x, y, current_classes=None):
+    """M2KD's loss terms of one batch, as a plain training loop gets them from
+    an :class:`~avalanche_m2kd.M2KDRegularizer` (plus ``"total"``)."""
+    if current_classes is not None:
+        regularizer.current_classes = sorted(int(c) for c in current_classes)
+    regularizer.prepare_model(model, x[:1])  # the auxiliary heads are attached once
+    with regularizer.taps(model):
+        logits = model(x)
+    terms = dict(regularizer(x, logits, y, model))
+    terms["total"] = regularizer.total(terms) if terms else logits.new_zeros(())
+    return terms

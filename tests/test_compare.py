@@ -204,10 +204,10 @@ def test_teacher_inference_reaches_the_m2kd_and_ed_teachers_only_when_given():
 
     config, m2kd, ed = plugins("--teacher-inference", "compiled")
     assert config["teacher_inference"] == "compiled"
-    assert m2kd.teacher_inference == "compiled" and ed.teacher_inference == "compiled"
+    assert m2kd.regularizer.teacher_inference == "compiled" and ed.teacher_inference == "compiled"
     config, m2kd, ed = plugins()
     assert "teacher_inference" not in config  # folders written before the option stay resumable
-    assert m2kd.teacher_inference == "fused" and ed.teacher_inference == "fused"
+    assert m2kd.regularizer.teacher_inference == "fused" and ed.teacher_inference == "fused"
     with pytest.raises(compare.UsageError, match="--teacher-inference: invalid choice: 'fast'"):
         compare.build_parser().parse_args(["--teacher-inference", "fast"])
     option = next(a for a in compare.build_parser()._actions if a.dest == "teacher_inference")
@@ -224,7 +224,7 @@ def test_the_sigmoid_form_trains_icarls_classifier_with_exemplars_and_a_growing_
         strategy = build_on_digits_shape(name, "--mem-size", "20")[1]
         growing = any(isinstance(m, IncrementalClassifier) for n, m in strategy.model.named_modules() if n.startswith("head"))
         assert growing is not fixed, name
-        assert strategy.m2kd.bce_columns == ("all" if fixed else "seen"), name
+        assert strategy.m2kd.regularizer.bce_columns == ("all" if fixed else "seen"), name
 
 
 def test_every_builtin_preset_passes_the_field_checks():

@@ -111,7 +111,7 @@ def test_device_augmentation_turns_the_teacher_cache_off_instead_of_filling_it(r
     strategy = _device_strategy(plugin)
     for exp in bm.train_stream:
         strategy.train(exp, num_workers=0)
-        assert plugin.teacher_set is None or plugin.teacher_set.cache is None
+        assert plugin.regularizer.teacher_set is None or plugin.regularizer.teacher_set.cache is None
     assert not [w for w in recwarn if "cannot help" in str(w.message)]
     strict = _device_strategy(M2KDPlugin(teacher_cache="exact"))
     strict.train(bm.train_stream[0], num_workers=0)
@@ -124,7 +124,7 @@ def test_device_augmentation_turns_the_teacher_cache_off_instead_of_filling_it(r
 
     class Look(SupervisedPlugin):
         def before_training_epoch(self, strategy, **kwargs):
-            caches.append(plain_plugin.teacher_set is not None and plain_plugin.teacher_set.cache is not None)
+            caches.append(plain_plugin.regularizer.teacher_set is not None and plain_plugin.regularizer.teacher_set.cache is not None)
 
     plain = _device_strategy(plain_plugin, augment=False)
     plain.plugins.append(Look())

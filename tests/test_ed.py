@@ -180,24 +180,26 @@ def test_revisit_all_and_memory_and_sequential_order(digits3):
     assert [sorted(s) for s in recorder.labels] == [list(range(3)), list(range(6)), list(range(10))]
 
 
-def test_plugin_loss_routes_each_sample_to_its_stage_teacher():
+def test_routed_loss_sends_each_sample_to_its_stage_teacher():
+    """The loss ED's plugin computes from its stage teachers: each sample is
+    distilled from the teacher owning its label; nothing routed (evaluation)
+    gives plain cross-entropy."""
+    from avalanche_m2kd.plugins.kd import routed_distillation_loss
+    from avalanche_m2kd.teachers import TeacherSet
+
     torch.manual_seed(0)
     t0, t1 = nn.Linear(4, 2), nn.Linear(4, 3)
     plugin = EducationDistillationPlugin(teachers=[(t0, [0, 1]), (t1, [2, 3, 4])], alpha=0.4, temperature=2.0)
-    from avalanche_m2kd.teachers import TeacherSet
-
-    plugin._teacher_set = TeacherSet(plugin.teachers)
+    teachers = TeacherSet(plugin.teachers)
     x = torch.randn(5, 4)
     y = torch.tensor([3, 0, 4, 1, 2])
     logits = torch.randn(5, 5)
-    plugin._routed = plugin.teacher_set.run_routed(x, y)
-    got = plugin(logits, y)
+    got = routed_distillation_loss(logits, y, teachers.run_routed(x, y), teachers, 0.4, 2.0, "hinton")
     with torch.no_grad():
         i0, i1 = torch.tensor([1, 3]), torch.tensor([0, 2, 4])
         expected = education_distillation_loss(logits, y, [t0(x[i0]), t1(x[i1])], [i0, i1], [[0, 1], [2, 3, 4]], 0.4, 2.0)
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
-    plugin._routed = None  # evaluation: plain cross-entropy
-    assert torch.equal(plugin(logits, y), nn.functional.cross_entropy(logits, y))
+    assert torch.equal(plugin(logits, y), nn.functional.cross_entropy(logits, y))  # outside training
 
 
 def test_masked_routing_runs_every_teacher_on_the_batch_and_keeps_the_same_loss():

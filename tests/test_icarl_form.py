@@ -13,14 +13,14 @@ from torch.utils.data import TensorDataset
 
 import torch.nn.functional as F
 
-from avalanche_m2kd import M2KD, M2KDPlugin
+from avalanche_m2kd import M2KD, M2KDPlugin, M2KDRegularizer
 from avalanche_m2kd.losses import M2KDLoss, TeacherOutput
 from avalanche_m2kd.datasets import make_benchmark
 from avalanche_m2kd.exemplars import icarl_herding_order
 from avalanche_m2kd.models import digits_cnn
 from avalanche_m2kd.plugins.nme import UNSEEN_SCORE
 
-from helpers import quiet_evaluator, synthetic_arrays, synthetic_stream, train_and_eval
+from helpers import batch_terms, quiet_evaluator, synthetic_arrays, synthetic_stream, train_and_eval
 
 
 ORDER = [int(c) for c in torch.randperm(100, generator=torch.Generator().manual_seed(1993))]
@@ -83,7 +83,7 @@ def test_sigmoid_form_through_the_plugin_with_two_snapshots():
     for exp in list(bm.train_stream)[:2]:
         strategy.train(exp)
     plugin = strategy.m2kd
-    assert plugin.groups == [[0, 1], [2, 3]] and plugin._stream_classes == 6
+    assert plugin.groups == [[0, 1], [2, 3]] and plugin.regularizer.stream_classes == 6
     exp = bm.train_stream[2]
     model.train()
     avalanche_model_adaptation(model, exp)
@@ -100,13 +100,13 @@ def test_sigmoid_form_through_the_plugin_with_two_snapshots():
         target[:, :4] = target_old
         return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (8 * 6)
 
-    ours_all = plugin.compute_losses(model, x, y, current_classes=[4, 5])["classification"]
+    ours_all = batch_terms(plugin.regularizer, model, x, y, current_classes=[4, 5])["classification"]
     expected_all = hand(torch.cat([torch.sigmoid(t0[:, :2]), torch.sigmoid(t1[:, 2:4])], dim=1))
     assert ours_all.item() == pytest.approx(expected_all.item(), rel=1e-5)
 
-    last = M2KDPlugin(loss="bce", teachers="last", bce_classes=6, teacher_inference="plain")
+    last = M2KDRegularizer(loss="bce", teachers="last", bce_classes=6, teacher_inference="plain", aux_layers=())
     last.groups, last.snapshots = plugin.groups, plugin.snapshots
-    ours_last = last.compute_losses(model, x, y, current_classes=[4, 5])["classification"]
+    ours_last = batch_terms(last, model, x, y, current_classes=[4, 5])["classification"]
     expected_last = hand(torch.sigmoid(t1[:, :4]))
     assert ours_last.item() == pytest.approx(expected_last.item(), rel=1e-5)
     # the two modes do differ here: the snapshots disagree on classes 0 and 1
@@ -118,7 +118,7 @@ def test_sigmoid_form_needs_the_stream_width_outside_a_strategy():
     plugin = M2KDPlugin(loss="bce")
     model = digits_cnn(num_classes=4)
     with pytest.raises(ValueError, match="bce_classes"):
-        plugin.compute_losses(model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
+        batch_terms(plugin.regularizer, model, torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3]))
 
 
 def test_herding_picks_the_same_exemplars_as_avalanche_icarl():
@@ -218,7 +218,7 @@ def test_icarl_form_runs_on_class_incremental_benchmark_streams():
     train_and_eval(strategy, bm)
     plugin = strategy.m2kd
     assert plugin.groups == [[0, 1], [2, 3], [4, 5]]  # one group per experience of the new API's stream
-    assert plugin._stream_classes == 6  # the sigmoid loss's width, read from the new API's experience
+    assert plugin.regularizer.stream_classes == 6  # the sigmoid loss's width, read from the new API's experience
     assert sorted(strategy.nme.class_means) == list(range(6))
     assert [len(g.buffer) for g in strategy.replay.storage_policy.buffer_groups.values()] == [3] * 6
 
@@ -240,7 +240,7 @@ def test_bce_columns_all_trains_every_column_of_a_fixed_head():
     model = models.create("digits_cnn", num_classes=6)
     strategy = M2KD(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), loss="bce", bce_columns="all",
-        teacher_inference="plain", train_mb_size=8, train_epochs=2, evaluator=quiet_evaluator(),
+        teacher_inference="plain", aux_layers=(), train_mb_size=8, train_epochs=2, evaluator=quiet_evaluator(),
     )
     strategy.train(bm.train_stream[0])
     plugin = strategy.m2kd
@@ -254,12 +254,12 @@ def test_bce_columns_all_trains_every_column_of_a_fixed_head():
     target[torch.arange(8), y] = 1.0
     target[:, :2] = torch.sigmoid(t0[:, :2])  # classes 4 and 5, not seen yet, keep target 0
     expected = F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / (8 * 6)
-    got = plugin.compute_losses(model, x, y, current_classes=[2, 3])["classification"]
+    got = batch_terms(plugin.regularizer, model, x, y, current_classes=[2, 3])["classification"]
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    seen_only = M2KDPlugin(loss="bce", bce_classes=6, teacher_inference="plain")
+    seen_only = M2KDRegularizer(loss="bce", bce_classes=6, teacher_inference="plain", aux_layers=())
     seen_only.groups, seen_only.snapshots = plugin.groups, plugin.snapshots
     partial = F.binary_cross_entropy_with_logits(logits[:, :4], target[:, :4], reduction="sum") / (8 * 6)
-    got_seen = seen_only.compute_losses(model, x, y, current_classes=[2, 3])["classification"]
+    got_seen = batch_terms(seen_only, model, x, y, current_classes=[2, 3])["classification"]
     assert got_seen.item() == pytest.approx(partial.item(), rel=1e-5) and got_seen.item() < got.item()
     with pytest.raises(ValueError, match="bce_columns must be 'seen' or 'all'"):
         M2KDPlugin(loss="bce", bce_columns="unseen")

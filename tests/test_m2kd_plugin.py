@@ -17,7 +17,7 @@ from avalanche_m2kd import M2KD, M2KDPlugin
 from avalanche_m2kd.losses import distill_group_logits
 from avalanche_m2kd.models import digits_cnn
 
-from helpers import quiet_evaluator, seed_everything, synthetic_arrays, synthetic_stream
+from helpers import batch_terms, quiet_evaluator, seed_everything, synthetic_arrays, synthetic_stream
 
 
 def make_strategy(plugin, model=None, epochs=1, extra=()):
@@ -47,7 +47,7 @@ class TeacherProbe(SupervisedPlugin):
         self.records = []
 
     def _snapshot(self):
-        ts = self.plugin.teacher_set
+        ts = self.plugin.regularizer.teacher_set
         if ts is None:
             return None
         return [
@@ -89,7 +89,7 @@ def test_plugin_loss_equals_group_distillation_of_its_snapshots():
     snapshots, each on its own class group."""
     bm = synthetic_stream(3)
     model = digits_cnn()
-    plugin = M2KDPlugin(temperature=3.0, teacher_inference="plain")  # the snapshots as stored: the definition, exactly
+    plugin = M2KDPlugin(temperature=3.0, teacher_inference="plain", aux_layers=())  # the snapshots as stored: the definition, exactly
     strategy = make_strategy(plugin, model)
     for exp in list(bm.train_stream)[:2]:
         strategy.train(exp)
@@ -98,7 +98,7 @@ def test_plugin_loss_equals_group_distillation_of_its_snapshots():
     model.train()
     avalanche_model_adaptation(model, bm.train_stream[2])
     model.eval()  # deterministic student outputs for the comparison
-    terms = plugin.compute_losses(model, x, y)
+    terms = batch_terms(plugin.regularizer, model, x, y)
     with torch.no_grad():
         student = model(x)
         teachers = [plugin.snapshots.teacher(k)(x)[:, g] for k, g in enumerate(plugin.groups)]
@@ -213,7 +213,7 @@ def test_state_dict_round_trip_gives_the_same_losses():
 
     fresh_model = digits_cnn()
     fresh = M2KDPlugin(**config)
-    fresh.prepare_model(fresh_model, x[:1])  # attaches auxiliary heads
+    fresh.regularizer.prepare_model(fresh_model, x[:1])  # attaches auxiliary heads
     # the heads grew with the classes: replay the same adaptations, then load
     for exp in list(bm.train_stream)[:3]:
         avalanche_model_adaptation(fresh_model, exp)
@@ -222,8 +222,8 @@ def test_state_dict_round_trip_gives_the_same_losses():
     assert fresh.groups == plugin.groups == [[0, 1], [2, 3]]
     assert torch.equal(fresh.snapshots.owners["stage1.0.weight"], plugin.snapshots.owners["stage1.0.weight"])
     model.eval(), fresh_model.eval()
-    original = plugin.compute_losses(model, x, y)
-    restored = fresh.compute_losses(fresh_model, x, y)
+    original = batch_terms(plugin.regularizer, model, x, y)
+    restored = batch_terms(fresh.regularizer, fresh_model, x, y)
     for key in original:
         assert torch.allclose(original[key], restored[key], atol=1e-6), key
     with pytest.raises(ValueError, match="configuration"):
@@ -266,7 +266,7 @@ def test_aux_supervision_decides_whether_the_heads_cross_entropy_reaches_the_bac
     for supervision in ("deep", "probe"):
         plugin = M2KDPlugin(aux_layers=("stage1", "stage2"), aux_supervision=supervision)
         model.zero_grad(set_to_none=True)
-        terms = plugin.compute_losses(model, x, y, current_classes=[0, 1])  # heads attached once, on the first call
+        terms = batch_terms(plugin.regularizer, model, x, y, current_classes=[0, 1])  # heads attached once, on the first call
         assert set(terms) == {"aux_ce", "total"}  # no teacher yet: the heads' cross-entropy alone
         terms["aux_ce"].backward()
         grads[supervision] = (terms["aux_ce"].item(), {n: p.grad for n, p in model.named_parameters()})
@@ -282,7 +282,7 @@ def test_aux_supervision_decides_whether_the_heads_cross_entropy_reaches_the_bac
 def test_aux_supervision_is_checked():
     with pytest.raises(ValueError, match="aux_supervision must be 'deep' or 'probe'"):
         M2KDPlugin(aux_supervision="detached")
-    with pytest.raises(ValueError, match="needs loss='kl'"):
+    with pytest.raises(ValueError, match="aux_supervision='probe' applies only with loss='kl'"):
         M2KDPlugin(loss="bce", aux_supervision="probe")
     assert M2KDPlugin(aux_supervision="probe").config()["aux_supervision"] == "probe"
 
@@ -297,7 +297,7 @@ def test_auxiliary_heads_draw_from_their_own_random_stream():
     def grown(layers, seed=3):
         seed_everything(seed)
         model = digits_cnn()
-        M2KDPlugin(aux_layers=layers).prepare_model(model, example)
+        M2KDPlugin(aux_layers=layers).regularizer.prepare_model(model, example)
         avalanche_model_adaptation(model, bm.train_stream[0])
         avalanche_model_adaptation(model, bm.train_stream[1])  # the main head and the heads grow
         return model, torch.get_rng_state()

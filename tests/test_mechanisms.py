@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from avalanche.models.utils import avalanche_model_adaptation
 from torch import nn
 
-from avalanche_m2kd import M2KD, EducationDistillationPlugin, M2KDPlugin
+from avalanche_m2kd import M2KD, EducationDistillationPlugin, M2KDPlugin, M2KDRegularizer
 from avalanche_m2kd.losses import M2KDLoss, TeacherOutput, kl_distillation
 from avalanche_m2kd.models import digits_cnn
+from avalanche_m2kd.plugins.kd import routed_distillation_loss
 from avalanche_m2kd.teachers import TeacherSet
 
-from helpers import quiet_evaluator, synthetic_stream
+from helpers import batch_terms, quiet_evaluator, synthetic_stream
 
 
 def trained_two_experiences(**kwargs):
@@ -49,7 +50,7 @@ def group_kl(model, plugin, x):
         out = []
         for k, group in enumerate(plugin.groups):
             teacher = plugin.snapshots.teacher(k)(x)
-            out.append(kl_distillation(logits[:, group], teacher[:, group], plugin.temperature).item())
+            out.append(kl_distillation(logits[:, group], teacher[:, group], plugin.regularizer.temperature).item())
     return out
 
 
@@ -63,7 +64,7 @@ def test_one_m2kd_step_moves_each_group_towards_its_own_snapshot():
     before = group_kl(model, plugin, x)
     assert min(before) > 1e-4
     model.train()
-    terms = plugin.compute_losses(model, x, y, current_classes=[4, 5])
+    terms = batch_terms(plugin.regularizer, model, x, y, current_classes=[4, 5])
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     optimizer.zero_grad()
     terms["mm"].backward()
@@ -89,7 +90,7 @@ def test_one_sigmoid_step_moves_old_class_outputs_towards_their_snapshot_targets
 
     before = distance()
     model.train()
-    loss = plugin.compute_losses(model, x, y, current_classes=[4, 5])["classification"]
+    loss = batch_terms(plugin.regularizer, model, x, y, current_classes=[4, 5])["classification"]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     optimizer.zero_grad()
     loss.backward()
@@ -102,23 +103,23 @@ def test_one_ed_step_with_alpha_below_one_moves_group_logits_towards_the_stage_t
     student = nn.Linear(6, 5)
     t0, t1 = nn.Linear(6, 2), nn.Linear(6, 3)
     plugin = EducationDistillationPlugin(teachers=[(t0, [0, 1]), (t1, [2, 3, 4])], alpha=0.3, temperature=4.0)
-    plugin._teacher_set = TeacherSet(plugin.teachers)
+    teachers = TeacherSet(plugin.teachers)
     x, y = torch.randn(16, 6), torch.tensor([0, 1, 2, 3, 4, 2, 3, 1] * 2)
 
     def distance():
         with torch.no_grad():
             z = student(x)
-            index = plugin.teacher_set.route(y)
+            index = teachers.route(y)
             return [
                 kl_distillation(z[i][:, g], t(x[i]), 4.0).item()
                 for i, g, t in zip(index, ([0, 1], [2, 3, 4]), (t0, t1))
             ]
 
     before = distance()
-    plugin._routed = plugin.teacher_set.run_routed(x, y)
+    routed = teachers.run_routed(x, y)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
     # the distillation part alone (alpha < 1): the cross-entropy part is checked in test_losses
-    loss = plugin(student(x), y) - 0.3 * F.cross_entropy(student(x), y)
+    loss = routed_distillation_loss(student(x), y, routed, teachers, 0.3, 4.0, "hinton") - 0.3 * F.cross_entropy(student(x), y)
     loss.backward()
     optimizer.step()
     after = distance()
@@ -130,11 +131,11 @@ def test_all_and_last_differ_with_two_snapshots_and_each_equals_its_definition()
     two they are not. Each equals M2KDLoss on the snapshots it names."""
     strategy, model, x, y = trained_two_experiences(aux_layers=(), teacher_inference="plain")
     plugin = strategy.m2kd
-    last = M2KDPlugin(teachers="last", teacher_inference="plain")
+    last = M2KDRegularizer(teachers="last", teacher_inference="plain", aux_layers=())
     last.groups, last.snapshots = copy.deepcopy(plugin.groups), plugin.snapshots
     model.eval()
-    got_all = plugin.compute_losses(model, x, y, current_classes=[4, 5])["mm"].item()
-    got_last = last.compute_losses(model, x, y, current_classes=[4, 5])["mm"].item()
+    got_all = batch_terms(plugin.regularizer, model, x, y, current_classes=[4, 5])["mm"].item()
+    got_last = batch_terms(last, model, x, y, current_classes=[4, 5])["mm"].item()
     with torch.no_grad():
         logits = model(x)
         t0, t1 = plugin.snapshots.teacher(0)(x), plugin.snapshots.teacher(1)(x)
@@ -158,14 +159,14 @@ def test_informed_old_targets_route_the_samples_a_snapshot_never_saw_to_the_newe
     y = torch.tensor([int(s[1]) for s in samples])
     current = sorted({int(c) for c in bm.train_stream[2].classes_in_this_experience})
     model.eval()
-    got = plugin.compute_losses(model, x, y, current_classes=current)["classification"].item()
+    got = batch_terms(plugin.regularizer, model, x, y, current_classes=current)["classification"].item()
     (g0, g1), seen = plugin.groups, sorted(plugin.groups[0] + plugin.groups[1] + current)
     with torch.no_grad():
         logits = model(x)
         t0, t1 = plugin.snapshots.teacher(0)(x), plugin.snapshots.teacher(1)(x)
     knows = torch.isin(y, torch.tensor(g0)).unsqueeze(1)
     routed = [TeacherOutput(torch.where(knows, t0[:, g0], t1[:, g0])), TeacherOutput(t1[:, g1])]
-    objective, n = M2KDLoss(form="bce"), plugin._n_outputs()
+    objective, n = M2KDLoss(form="bce"), plugin.regularizer.stream_classes
     want = objective.terms(logits, y, seen, routed, [g0, g1], n_outputs=n)["classification"].item()
     owner = objective.terms(logits, y, seen, [TeacherOutput(t0[:, g0]), TeacherOutput(t1[:, g1])], [g0, g1], n_outputs=n)
     assert got == pytest.approx(want, rel=1e-5, abs=1e-9)

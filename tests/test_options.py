@@ -87,7 +87,7 @@ def test_icarl_resnet32_is_avalanches_icarl_net():
 def test_config_records_every_constructor_argument():
     """Result files and checkpoints record the whole configuration (issue 12.4)."""
     plugin = M2KDPlugin(teacher_cache="off", batched_teachers=True, teachers_per_batch=2, teacher_precision="bf16")
-    arguments = [p for p in inspect.signature(M2KDPlugin.__init__).parameters if p != "self"]
+    arguments = [p for p in inspect.signature(M2KDPlugin).parameters if p != "regularizer"]  # the plugin's and the regularizer's
     config = plugin.config()
     assert sorted(config) == sorted(arguments)
     assert config["teacher_cache"] == "off" and config["batched_teachers"] is True
@@ -113,7 +113,7 @@ def test_strategies_take_the_plugins_arguments_from_the_plugin():
     model = models.digits_cnn()
     strategy = M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), temperature=3.0,
                     teachers="last", evaluator=quiet_evaluator())
-    assert strategy.m2kd.temperature == 3.0 and strategy.m2kd.teachers == "last"
+    assert strategy.m2kd.regularizer.temperature == 3.0 and strategy.m2kd.regularizer.teachers == "last"
     assert strategy.train_mb_size == EducationDistillation.__init__.__signature__.parameters["train_mb_size"].default
     with pytest.raises(TypeError, match="temprature"):
         M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), temprature=3.0)
@@ -129,7 +129,7 @@ def test_teachers_per_batch_inside_a_strategy_uses_k_teachers_per_batch():
 
     class Count(SupervisedPlugin):
         def after_forward(self, strategy, **kwargs):
-            teacher_set = strategy.m2kd.teacher_set
+            teacher_set = strategy.m2kd.regularizer.teacher_set
             if teacher_set is not None:
                 original = teacher_set.run_all
                 teacher_set.run_all = lambda x, idx=None: calls.append(list(idx)) or original(x, idx)
@@ -174,7 +174,8 @@ def test_informed_old_targets_train_through_the_strategy_with_auxiliary_heads():
                     evaluator=quiet_evaluator(), loss="bce", aux_layers=("stage1", "stage2"), old_targets="informed")
     for k, exp in enumerate(bm.train_stream):
         strategy.train(exp)
-        newest = strategy.m2kd._build_newest(strategy.m2kd.build_teachers("cpu"), "cpu")
+        strategy.m2kd.regularizer.build_teachers("cpu")
+        newest = strategy.m2kd.regularizer.informed_teachers
         assert (newest is None) == (k < 1)  # routing needs two snapshots
     assert newest.groups == [[c for g in strategy.m2kd.groups for c in g]]  # the newest snapshot over every old class
     assert set(strategy.m2kd.last_terms) == {"classification", "aux_bce"}

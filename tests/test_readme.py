@@ -8,7 +8,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_quick_starts_run_and_print_the_promised_state(capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) == 3, "the README has three quick starts (M2KD, its loss object, then ED)"
+    assert len(blocks) == 3, "the README has three quick starts (M2KD, its regularizer in a plain loop, then ED)"
     namespace: dict = {}
     for block in blocks:  # later blocks reuse the first block's imports, as a reader's session would
         exec(compile(block, str(README), "exec"), namespace)
@@ -21,4 +21,6 @@ def test_quick_starts_run_and_print_the_promised_state(capsys):
     teacher_bytes = sum(t.nelement() * t.element_size() for k in range(5) for t in store.teacher(k).state_dict().values())
     assert snapshots == 5 and nbytes == teacher_bytes
     assert (depth, head) == (3, 10)
-    assert "['mm'] True" in printed
+    assert "3 ['aux_bce', 'classification']" in printed  # the plain loop: three snapshots' groups, the sigmoid form's terms
+    reg = namespace["reg"]
+    assert len(reg.snapshots) == 3 and reg.aux_layers == ["stage1", "stage2"]

@@ -7,13 +7,13 @@ from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.templates import SupervisedTemplate
 
-from avalanche_m2kd import EducationDistillation, M2KDPlugin, datasets
+from avalanche_m2kd import EducationDistillation, M2KDPlugin, M2KDRegularizer, datasets
 from avalanche_m2kd._cache import transform_is_deterministic
 from avalanche_m2kd.losses import distill_group_logits, group_weights
 from avalanche_m2kd.models import digits_cnn, ed_small
 from avalanche_m2kd.teachers import OutputCache, input_fingerprints
 
-from helpers import quiet_evaluator, seed_everything, synthetic_arrays
+from helpers import batch_terms, quiet_evaluator, seed_everything, synthetic_arrays
 
 
 class TermRecorder(SupervisedPlugin):
@@ -77,7 +77,7 @@ def test_cache_computes_each_teacher_once_per_input():
 
     class Counter(SupervisedPlugin):
         def after_training_epoch(self, strategy, **kwargs):
-            ts = p.teacher_set
+            ts = p.regularizer.teacher_set
             if ts is not None and ts.cache is not None:
                 counts.setdefault(strategy.experience.current_experience, []).append((ts.cache.hits, ts.cache.misses, len(ts.cache)))
 
@@ -101,8 +101,8 @@ def test_random_augmentation_is_refused_in_exact_mode_and_not_cached_in_auto():
 
     class Probe(SupervisedPlugin):
         def before_training_epoch(self, strategy, **kwargs):
-            if p.teacher_set is not None:
-                states.append(p.teacher_set.cache)
+            if p.regularizer.teacher_set is not None:
+                states.append(p.regularizer.teacher_set.cache)
 
     strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                                   train_mb_size=16, train_epochs=2, plugins=[p, Probe()], evaluator=quiet_evaluator())
@@ -139,7 +139,7 @@ def snapshot_teachers(n=4, aux=True):
     torch.manual_seed(0)
     model = digits_cnn()
     plugin = M2KDPlugin(aux_layers=("stage1", "stage2") if aux else ())
-    plugin.prepare_model(model, torch.zeros(1, 1, 8, 8))
+    plugin.regularizer.prepare_model(model, torch.zeros(1, 1, 8, 8))
     model.train()
     for k in range(n):
         avalanche_model_adaptation(model, type("E", (), {"classes_in_this_experience": {2 * k, 2 * k + 1}, "current_experience": k})())
@@ -156,9 +156,9 @@ def snapshot_teachers(n=4, aux=True):
 
 def test_batched_teachers_equal_the_loop():
     plugin, model = snapshot_teachers()
-    loop = plugin.build_teachers("cpu")
-    plugin.batched_teachers = True
-    batched = plugin.build_teachers("cpu")
+    loop = plugin.regularizer.build_teachers("cpu")
+    plugin.regularizer.batched_teachers = True
+    batched = plugin.regularizer.build_teachers("cpu")
     assert batched.batched and not loop.batched
     x = torch.randn(10, 1, 8, 8)
     for a, b in zip(loop.run_all(x), batched.run_all(x)):
@@ -171,9 +171,9 @@ def test_batched_teachers_equal_the_loop():
     # and through the plugin's losses
     y = torch.randint(0, 8, (10,))
     model.eval()
-    full = plugin.compute_losses(model, x, y)
-    plugin.batched_teachers = False
-    again = plugin.compute_losses(model, x, y)
+    full = batch_terms(plugin.regularizer, model, x, y)
+    plugin.regularizer.batched_teachers = False
+    again = batch_terms(plugin.regularizer, model, x, y)
     for key in full:
         assert torch.allclose(full[key], again[key], atol=1e-5), key
 
@@ -183,8 +183,8 @@ def test_sampled_teachers_are_unbiased():
     plugin.groups[1] = [2, 3]
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 8, (8,))
     model.eval()
-    full = plugin.compute_losses(model, x, y)["mm"].item()
-    sampled = M2KDPlugin(teachers_per_batch=1)
+    full = batch_terms(plugin.regularizer, model, x, y)["mm"].item()
+    sampled = M2KDRegularizer(teachers_per_batch=1, aux_layers=())
     sampled.groups, sampled.snapshots = plugin.groups, plugin.snapshots
     # exact expectation for k = 1: sum over teachers of P(draw j) * loss given j
     teacher_set = sampled.build_teachers("cpu")
@@ -199,7 +199,7 @@ def test_sampled_teachers_are_unbiased():
     assert expectation == pytest.approx(full, rel=1e-5)
     # and the sampler's empirical mean converges to it
     torch.manual_seed(0)
-    draws = [sampled.compute_losses(model, x, y)["mm"].item() for _ in range(600)]
+    draws = [batch_terms(sampled, model, x, y)["mm"].item() for _ in range(600)]
     stderr = np.std(draws) / np.sqrt(len(draws))
     assert abs(np.mean(draws) - full) < 4 * stderr
     with pytest.raises(ValueError, match="loss='kl'"):

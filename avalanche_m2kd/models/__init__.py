@@ -62,11 +62,6 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
 }
 """Backbones by name; each takes ``num_classes`` (None = growing head) and ``in_channels``."""
 
-DEFAULT_AUX_LAYERS: Dict[str, Sequence[str]] = {name: ("stage1", "stage2") for name in MODELS}
-"""Layers M2KD taps by default: after the first two stages (ResNets: stages 1
-and 2 of 3, as the M2KD note suggests for ResNet-32)."""
-
-
 def create(name: str, num_classes: Optional[int] = None, in_channels: Optional[int] = None) -> nn.Module:
     """A backbone of :data:`MODELS` by name (``ValueError`` lists the names)."""
     if name not in MODELS:
@@ -99,4 +94,4 @@ def feature_extractor(model: nn.Module) -> nn.Module:
 
 
 __all__ += ["conform_incremental_classifiers", "grow_student_to_state", "load_student_state"]
-__all__ += ["DEFAULT_AUX_LAYERS", "MODELS", "create", "ed_student_for", "feature_extractor"]
+__all__ += ["MODELS", "create", "ed_student_for", "feature_extractor"]

@@ -97,6 +97,7 @@ class CifarResNet(nn.Module):
             classifier read, can be negative), convolutions get Kaiming fan-in
             init and the head Kaiming fan-in (sigmoid gain) with zero bias.
     """
+    m2kd_aux_layers = ("stage1", "stage2")  # what M2KD's aux_layers="auto" taps: the first two stages, as the M2KD note suggests
 
     def __init__(
         self,

@@ -32,6 +32,7 @@ class SmallConvNet(nn.Module):
     Flattening instead of global pooling: on 8x8 inputs a pooled CNN of this
     size trains far slower (seen on Split-Digits).
     """
+    m2kd_aux_layers = ("stage1", "stage2")  # what M2KD's aux_layers="auto" taps: the first two stages, as the M2KD note suggests
 
     def __init__(
         self,

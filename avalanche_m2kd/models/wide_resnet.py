@@ -16,6 +16,7 @@ class WideResNet(nn.Module):
     """WRN-``depth``-``widen``: three stages of ``(depth - 4) / 6`` pre-activation
     wide blocks at widths 16k, 32k, 64k, a final BatchNorm-ReLU, global average
     pooling and a head (growing ``IncrementalClassifier`` unless ``num_classes``)."""
+    m2kd_aux_layers = ("stage1", "stage2")  # what M2KD's aux_layers="auto" taps: the first two stages, as the M2KD note suggests
 
     def __init__(self, depth: int = 40, widen: int = 2, num_classes: Optional[int] = None, in_channels: int = 3):
         super().__init__()

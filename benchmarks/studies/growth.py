@@ -30,8 +30,10 @@ def measure(store: str, args) -> list:
     bm = synthetic_split_cifar([args.batch_size * args.iterations // 2] * args.experiences)
     timer = IterationTimer()
     model = models.create(args.model, in_channels=3)
-    plugin = M2KDPlugin(snapshot_store=store, prune_ratio=args.prune_ratio, post_prune_epochs=1,
-                        aux_layers=tuple(models.DEFAULT_AUX_LAYERS[args.model]), teacher_cache="off")
+    pruning = {} if store == "full" else {"prune_ratio": args.prune_ratio}
+    if store == "packnet":
+        pruning["post_prune_epochs"] = 1
+    plugin = M2KDPlugin(snapshot_store=store, aux_layers="auto", teacher_cache="off", **pruning)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         strategy = SupervisedTemplate(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),

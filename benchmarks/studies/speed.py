@@ -86,7 +86,7 @@ def worker(spec: dict) -> dict:
     opt = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)
     plugins = [MixedPrecisionPlugin("bf16"), timer] if mode.endswith("-bf16") else [timer]
     common = dict(train_mb_size=batch, train_epochs=1, eval_mb_size=batch, evaluator=evaluator, plugins=plugins)
-    aux = tuple(models.DEFAULT_AUX_LAYERS[name])
+    aux = model.m2kd_aux_layers
     if mode.startswith("naive"):
         strategy = Naive(model=model, optimizer=opt(model.parameters()), **common)
     elif mode.startswith("lwf"):

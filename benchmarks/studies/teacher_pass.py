@@ -54,8 +54,8 @@ def profile(model_name: str, snapshots: int, batch: int, repeats: int, aux: bool
     model = models.create(model_name, num_classes=2 * (snapshots + 1), in_channels=3)
     x = torch.randn(batch, 3, 32, 32)
     y = torch.randint(0, 2 * (snapshots + 1), (batch,))
-    plugin = M2KDPlugin(aux_layers=tuple(models.DEFAULT_AUX_LAYERS[model_name]) if aux else (), teacher_cache="off")
-    plugin.prepare_model(model, x[:1])
+    plugin = M2KDPlugin(aux_layers="auto" if aux else (), teacher_cache="off")
+    plugin.regularizer.prepare_model(model, x[:1])
     n_classes = 2 * (snapshots + 1)
     for head in getattr(model, "m2kd_aux", nn.Module()).modules():
         if isinstance(head, AuxiliaryHead):  # as wide as the seen classes, as after Avalanche's adaptation
@@ -63,7 +63,7 @@ def profile(model_name: str, snapshots: int, batch: int, repeats: int, aux: bool
     for k in range(snapshots):
         plugin.snapshots.add(model)
         plugin.groups.append([2 * k, 2 * k + 1])
-    teacher_set = plugin.build_teachers("cpu")
+    teacher_set = plugin.regularizer.build_teachers("cpu")
     weights = group_weights(plugin.groups)
     with torch.no_grad():
         outputs = teacher_set.run_all(x)
