@@ -17,36 +17,14 @@ measured) for every strategy."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from avalanche_m2kd.metrics import seen_class_accuracy
+from benchmarks.progress import read_run
 from benchmarks.report import write_benchmark
 
 PROG = "python -m benchmarks.studies.budget"
-
-
-def read_run(folder: Path) -> List[dict]:
-    """The runs of one checkpoint folder: strategy, seed, epochs and, per
-    experience trained so far, the accuracy on the classes seen and the
-    seconds (wall and CPU) it took."""
-    config = json.loads((folder / "config.json").read_text())
-    found = []
-    for side in sorted(folder.glob("*-seed*.json")):
-        strategy, seed = side.stem.rsplit("-seed", 1)
-        state = json.loads(side.read_text())
-        if "accuracy_matrix" not in state:
-            raise ValueError(f"{side} predates the accuracy rows in side files; rerun that budget")
-        rows = state["accuracy_matrix"]
-        accuracy = seen_class_accuracy([r[: len(rows)] for r in rows], state["test_sizes"][: len(rows)])
-        found.append({
-            "strategy": strategy, "seed": int(seed), "epochs": config["epochs"], "milestones": config["milestones"],
-            "precision": config["precision"], "accuracy": [float(a) for a in accuracy],
-            "cpu_s": state.get("experience_cpu_s", []), "wall_s": state.get("experience_s", []),
-        })
-    return found
 
 
 def choose(runs: List[dict], steps: int, tolerance: float) -> Dict[str, Optional[int]]:

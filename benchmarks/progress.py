@@ -1,0 +1,108 @@
+"""Where long runs stand: what the checkpoint folders of unfinished (or
+stopped) runner invocations have measured so far, with paired differences on
+the steps two runs of one seed have both finished.
+
+    python -m benchmarks.progress runs/free-s0/ck runs/free-s1/ck --against lwf
+
+Each run's checkpoint side file keeps its accuracy rows and the CPU seconds of
+every experience trained (``RunCheckpoint``), so a comparison lasting days can
+be read at any moment without stopping it. Numbers over the first k steps are
+not the final ones; the table says how many steps each covers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from avalanche_m2kd.metrics import seen_class_accuracy
+
+PROG = "python -m benchmarks.progress"
+
+
+def read_run(folder: Path) -> List[dict]:
+    """The runs of one checkpoint folder: strategy, seed, epochs and, per
+    experience trained so far, the accuracy on the classes seen and the
+    seconds (wall and CPU) it took."""
+    stamp = folder / "config.json"
+    if not stamp.is_file():
+        raise ValueError(f"{folder} has no config.json: not a runner checkpoint folder, or its runner has not started yet")
+    config = json.loads(stamp.read_text())
+    found = []
+    for side in sorted(folder.glob("*-seed*.json")):
+        strategy, seed = side.stem.rsplit("-seed", 1)
+        state = json.loads(side.read_text())
+        if "accuracy_matrix" not in state:
+            raise ValueError(f"{side} predates the accuracy rows in side files; it cannot be read before it finishes")
+        rows = state["accuracy_matrix"]
+        accuracy = seen_class_accuracy([r[: len(rows)] for r in rows], state["test_sizes"][: len(rows)])
+        found.append({
+            "strategy": strategy, "seed": int(seed), "epochs": config["epochs"], "milestones": config["milestones"],
+            "precision": config["precision"], "steps_total": config.get("n_experiences"),
+            "accuracy": [float(a) for a in accuracy],
+            "cpu_s": state.get("experience_cpu_s", []), "wall_s": state.get("experience_s", []),
+        })
+    return found
+
+
+def paired(runs: List[dict], against: str) -> List[dict]:
+    """Per strategy and seed with a run of ``against`` at the same seed: the
+    difference of the mean seen-class accuracy over the steps both finished,
+    and at the last of them (points)."""
+    reference = {r["seed"]: r for r in runs if r["strategy"] == against}
+    out = []
+    for r in runs:
+        ref = reference.get(r["seed"])
+        if r["strategy"] == against or ref is None or not r["accuracy"] or not ref["accuracy"]:
+            continue
+        k = min(len(r["accuracy"]), len(ref["accuracy"]))
+        mean = lambda acc: sum(acc[:k]) / k  # noqa: E731
+        out.append({"strategy": r["strategy"], "seed": r["seed"], "steps": k,
+                    "mean": 100 * (mean(r["accuracy"]) - mean(ref["accuracy"])),
+                    "last": 100 * (r["accuracy"][k - 1] - ref["accuracy"][k - 1])})
+    return out
+
+
+def markdown(runs: List[dict], against: Optional[str] = None) -> str:
+    lines = [
+        "| strategy | seed | steps | accuracy on the classes seen, per step (%) | mean so far | core-hours so far |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"])):
+        acc = r["accuracy"]
+        total = f"/{r['steps_total']}" if r.get("steps_total") else ""
+        hours = sum(s for s in r["cpu_s"] if s is not None) / 3600
+        mean = f"{100 * sum(acc) / len(acc):.1f}" if acc else "—"
+        lines.append(f"| {r['strategy']} | {r['seed']} | {len(acc)}{total} | {' / '.join(f'{100 * a:.1f}' for a in acc) or '—'} "
+                     f"| {mean} | {hours:.1f} |")
+    if against:
+        pairs = paired(runs, against)
+        lines += ["", f"Paired against `{against}` (same seed, the steps both runs finished):", "",
+                  "| strategy | seed | steps | mean difference | difference at the last common step |", "|---|---|---|---|---|"]
+        lines += [f"| {p['strategy']} | {p['seed']} | {p['steps']} | {p['mean']:+.1f} | {p['last']:+.1f} |" for p in pairs]
+        if not pairs:
+            lines.append(f"| (no run shares a seed with `{against}` yet) | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="checkpoint folders (--checkpoint of the runner)")
+    p.add_argument("--against", help="strategy to pair every other one with, seed by seed (e.g. lwf)")
+    args = p.parse_args(argv)
+    try:
+        runs = [r for f in args.folders for r in read_run(Path(f))]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    if args.against and args.against not in {r["strategy"] for r in runs}:
+        print(f"{PROG}: error: --against {args.against}: no run of that strategy in these folders", file=sys.stderr)
+        return 2
+    print(markdown(runs, args.against), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
