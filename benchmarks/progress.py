@@ -47,6 +47,16 @@ def read_run(folder: Path) -> List[dict]:
     return found
 
 
+def read_runs(folders: List[str], prog: str) -> Optional[List[dict]]:
+    """Every run of the checkpoint ``folders``; None after one error line on
+    stderr (an unreadable or foreign folder)."""
+    try:
+        return [r for f in folders for r in read_run(Path(f))]
+    except (OSError, ValueError, KeyError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return None
+
+
 def paired(runs: List[dict], against: str) -> List[dict]:
     """Per strategy and seed with a run of ``against`` at the same seed: the
     difference of the mean seen-class accuracy over the steps both finished,
@@ -92,10 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("folders", nargs="+", help="checkpoint folders (--checkpoint of the runner)")
     p.add_argument("--against", help="strategy to pair every other one with, seed by seed (e.g. lwf)")
     args = p.parse_args(argv)
-    try:
-        runs = [r for f in args.folders for r in read_run(Path(f))]
-    except (OSError, ValueError, KeyError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    runs = read_runs(args.folders, PROG)
+    if runs is None:
         return 2
     if args.against and args.against not in {r["strategy"] for r in runs}:
         print(f"{PROG}: error: --against {args.against}: no run of that strategy in these folders", file=sys.stderr)

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional
 
-from benchmarks.progress import read_run
+from benchmarks.progress import read_runs
 from benchmarks.report import write_benchmark
 
 PROG = "python -m benchmarks.studies.budget"
@@ -83,10 +82,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--tolerance", type=float, default=4.0, help="points below the largest budget allowed at each step")
     p.add_argument("--out", help="folder for budget.json and budget.md")
     args = p.parse_args(argv)
-    try:
-        runs = [r for f in args.folders for r in read_run(Path(f))]
-    except (OSError, ValueError, KeyError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+    runs = read_runs(args.folders, PROG)
+    if runs is None:
         return 2
     chosen = choose(runs, args.steps, args.tolerance)
     text = markdown(runs, args.steps, chosen, args.tolerance)
