@@ -53,9 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .models.ed_student import EDStudent
 from ._errors import CheckpointError
 from .exemplars import StreamSamples, buffer_state, load_buffer, sample_ids
+from .models.ed_student import EDStudent
 from .models.surgery import conform_incremental_classifiers, grow_student_to_state
 
 FORMAT = "avalanche_m2kd.checkpoint/2"
@@ -286,13 +286,9 @@ class _Context:
     strategy: Any
     experiences: List
     model_state: dict
-    _pool: Any = None
 
-    def samples(self, ids: Sequence[int]):
-        """The training samples with these ``sample_id``\\ s, in this order."""
-        if self._pool is None:
-            self._pool = StreamSamples(self.experiences)
-        return self._pool(ids)
+    def __post_init__(self):
+        self.samples = StreamSamples(self.experiences)  # the training samples by sample_id (looked up on first use)
 
 
 @dataclass

@@ -142,7 +142,6 @@ class ExemplarReplay(ReplayPlugin):
         self.storage_policy.post_adapt(strategy, strategy.experience)
 
 
-
 # -- memories as sample ids (checkpoints and plugin states) ----------------------------------
 def sample_ids(dataset) -> List[int]:
     """The ``sample_id`` attribute of an Avalanche dataset, as ints."""
@@ -197,6 +196,7 @@ def load_buffer(policy, state: dict, samples: Callable) -> None:
         single = _ParametricSingleBuffer(saved["max_size"], policy.selection_strategy)
         single.buffer = samples(saved["ids"])
         policy.buffer_groups[int(group)] = single
+
 
 __all__ = [
     "ExemplarReplay", "ReplayMode", "HerdingSelection", "StreamSamples", "buffer_state", "class_balanced_buffer",

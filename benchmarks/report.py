@@ -336,6 +336,8 @@ def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bo
 # -- generated tables in Markdown files -------------------------------------------------
 BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>[\w-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 """A generated table: ``<!-- results FOLDER KIND [strategies=a,b] -->`` ... ``<!-- /results -->``."""
+
+
 def ed_table(runs: List[dict]) -> str:
     """ED against distillation: each method's top-1, mean ± std over seeds."""
     lines = ["| method | top-1 (%) | seeds |", "|---|---|---|"]

@@ -10,7 +10,7 @@ from avalanche_m2kd import M2KD, EducationDistillation, M2KDPlugin, models
 from helpers import quiet_evaluator, synthetic_stream
 
 
-class Terms(SupervisedPlugin):
+class BatchSizes(SupervisedPlugin):
     """Records each training batch's size."""
 
     def __init__(self):
@@ -50,13 +50,13 @@ def test_m2kd_composes_with_avalanches_lwf_plugin():
 def test_batch_mode_replay_puts_a_memory_batch_beside_every_data_batch():
     bm = synthetic_stream(n_experiences=2, shape=(1, 8, 8))
     model = models.digits_cnn()
-    terms = Terms()
+    sizes = BatchSizes()
     strategy = M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), mem_size=8, memory_replay="batch",
-                    train_mb_size=4, train_epochs=1, evaluator=quiet_evaluator(), plugins=[terms])
+                    train_mb_size=4, train_epochs=1, evaluator=quiet_evaluator(), plugins=[sizes])
     strategy.train(bm.train_stream[0], num_workers=0)
-    first = list(terms.sizes)
+    first = list(sizes.sizes)
     strategy.train(bm.train_stream[1], num_workers=0)
-    assert set(first) == {4} and set(terms.sizes[len(first):]) == {8}  # 4 data + 4 memory from the second experience on
+    assert set(first) == {4} and set(sizes.sizes[len(first):]) == {8}  # 4 data + 4 memory from the second experience on
 
 
 def test_ed_stage_lr_and_teacher_batch_size_reach_the_training(monkeypatch):

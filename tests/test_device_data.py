@@ -88,7 +88,7 @@ def test_runner_device_data_moves_augmentation_off_the_datasets():
     assert torch.allclose(plugin.fill, normalized_black.flatten(), atol=1e-3)
 
 
-def _device_strategy(plugin, teacher_cache="auto", augment=True):
+def _device_strategy(plugin, augment=True):
     from avalanche.training import Naive
 
     from avalanche_m2kd.models import digits_cnn

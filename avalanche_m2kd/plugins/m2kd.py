@@ -118,8 +118,10 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
 
     def config(self) -> dict:
         """The regularizer's arguments and the plugin's own (for result files and checkpoints)."""
-        own = {"post_prune_epochs": self.post_prune_epochs, "post_prune_lr": self.post_prune_lr, "check_batches": self.check_batches}
-        return {**self.regularizer.config(), **own}
+        return {**self.regularizer.config(), **self._options()}
+
+    def _options(self) -> dict:
+        return {"post_prune_epochs": self.post_prune_epochs, "post_prune_lr": self.post_prune_lr, "check_batches": self.check_batches}
 
     def __call__(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The criterion for ``loss="bce"``: during training the current batch's
@@ -228,7 +230,7 @@ class M2KDPlugin(SupervisedPlugin, supports_distributed=True):
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned; every option must match."""
         self.regularizer.load_state_dict(state)
-        own = {k: v for k, v in self.config().items() if k not in self.regularizer.config()}
+        own = self._options()
         saved = {**own, **{k: v for k, v in (state.get("plugin") or state["config"]).items() if k in own}}
         if state.get("plugin") is None:  # saved before the regularizer existed: check_batches was not recorded
             saved["check_batches"] = own["check_batches"]
