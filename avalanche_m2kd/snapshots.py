@@ -20,6 +20,11 @@ Three kinds share one interface (:class:`SnapshotStore`):
     weight tensor is dropped; the rest is stored as a bitmask plus values.
     Training is unconstrained; the teacher is an approximation.
 
+Every kind can also drop the head rows a snapshot will never be read at
+(:meth:`SnapshotStore.keep_head_rows`): M2KD reads snapshot ``k`` only at the
+columns of the classes it teaches, and a head holds a row for every class id up
+to the largest seen, so most rows of an early snapshot's heads are dead weight.
+
 Snapshots are plain dictionaries of tensors. A teacher is rebuilt into a copy
 of the live model, re-shaping tensors whose size differs (a head that has grown
 since the snapshot was taken), so the rebuilt module behaves exactly like the
@@ -85,6 +90,47 @@ def prunable_weight_names(model: nn.Module, head_layers: Optional[Sequence[str]]
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_TYPES) and not in_head(name)
     ]
+
+
+def class_row_layers(model: nn.Module, head_layers: Optional[Sequence[str]] = None) -> List[str]:
+    """Names of the linear layers whose rows are classes: each head's output
+    layer, taken as the last ``nn.Linear`` of each module inside a head that
+    holds linear layers itself (a custom head's hidden layer is left whole)."""
+    modules = dict(model.named_modules())
+    layers: List[str] = []
+    for head in head_module_names(model, head_layers):
+        if isinstance(modules[head], nn.Linear):
+            layers.append(head)
+            continue
+        last_of_parent: Dict[str, str] = {}
+        for name, module in modules[head].named_modules(prefix=head):
+            if isinstance(module, nn.Linear):
+                last_of_parent[name.rpartition(".")[0]] = name
+        layers.extend(last_of_parent.values())
+    return list(dict.fromkeys(layers))  # an auxiliary head's classifier is a head inside a head
+
+
+# Encoding of a head layer whose rows were dropped (keep_head_rows): the kept
+# rows' indices, the full row count, and each tensor's kept rows.
+_ROWS, _HEIGHT, _KEPT = "#rows", "#height", "#kept"
+
+
+def _expand_head_rows(stored: StateDict) -> StateDict:
+    """``stored`` with every row-dropped head tensor rebuilt at full height
+    (zeros in the dropped rows); a new dictionary, ``stored`` is not changed."""
+    if not any(name.endswith(_ROWS) for name in stored):
+        return stored
+    state: StateDict = {}
+    for name, value in stored.items():
+        if name.endswith(_KEPT):
+            base = name[: -len(_KEPT)]
+            layer = base.rpartition(".")[0]
+            full = value.new_zeros((int(stored[layer + _HEIGHT]),) + tuple(value.shape[1:]))
+            full[stored[layer + _ROWS]] = value
+            state[base] = full
+        elif not (name.endswith(_ROWS) or name.endswith(_HEIGHT)):
+            state[name] = value
+    return state
 
 
 def _detached_state(model: nn.Module) -> StateDict:
@@ -239,7 +285,42 @@ class SnapshotStore:
         """The full ``state_dict`` of snapshot ``k`` as the teacher sees it."""
         if self.released(k):
             raise ValueError(f"snapshot {k} was released (M2KD with teachers='last' keeps only the newest snapshot)")
-        return self._decode(k)
+        return _expand_head_rows(self._decode(k))
+
+    def keep_head_rows(self, k: int, classes: Sequence[int]) -> None:
+        """Keep, in snapshot ``k``'s class heads (:func:`class_row_layers`), only
+        the rows of ``classes``: the outputs its teacher will be read at. The
+        rebuilt teacher has zero weights and bias in the other rows, so its
+        logits there are 0 (or the head's mask value), while the kept columns
+        are computed exactly as before. Rows can be dropped further later, never
+        brought back."""
+        if self.released(k):
+            raise ValueError(f"snapshot {k} was released; it has no head rows to keep")
+        rows = torch.tensor(sorted({int(c) for c in classes}), dtype=torch.long)
+        layers = class_row_layers(self.model, self.head_layers)
+        stored = self._snapshots[k]
+        for layer in layers:
+            kept = stored.get(layer + _ROWS)
+            if kept is not None and not bool(torch.isin(rows, kept).all()):
+                lost = sorted(set(rows.tolist()) - set(kept.tolist()))
+                raise ValueError(f"snapshot {k}: the rows of {layer} for classes {lost} were dropped already")
+        full = _expand_head_rows(stored)
+        names = {layer: [n for n in (f"{layer}.weight", f"{layer}.bias") if n in full] for layer in layers}
+        encoded = {n: v for n, v in full.items() if not any(n in own for own in names.values())}
+        for layer, own in names.items():
+            if not own:
+                continue
+            height = full[own[0]].shape[0]
+            if rows.numel() and int(rows[-1]) >= height:
+                raise ValueError(f"snapshot {k}: head layer {layer} has {height} rows, none for class {int(rows[-1])}")
+            if rows.numel() == height:  # every row read: stored whole, without indices
+                encoded.update({name: full[name] for name in own})
+                continue
+            encoded[layer + _ROWS] = rows.clone()
+            encoded[layer + _HEIGHT] = torch.tensor(height)
+            for name in own:
+                encoded[name + _KEPT] = full[name][rows].clone()
+        self._snapshots[k] = encoded
 
     def teacher(self, k: int, device: Optional[torch.device | str] = None) -> nn.Module:
         """Snapshot ``k`` rebuilt as a frozen, eval-mode module."""
@@ -507,6 +588,7 @@ __all__ = [
     "PackNetSnapshotStore",
     "SnapshotStore",
     "SparseSnapshotStore",
+    "class_row_layers",
     "freeze",
     "head_module_names",
     "load_state_reshaped",

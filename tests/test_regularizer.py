@@ -13,7 +13,9 @@ from avalanche_m2kd import M2KD, M2KDPlugin, M2KDRegularizer
 from avalanche_m2kd.losses import M2KDLoss, TeacherOutput
 from avalanche_m2kd.models import digits_cnn
 
-from helpers import synthetic_stream
+from avalanche_m2kd.datasets import make_benchmark
+
+from helpers import synthetic_arrays, synthetic_stream
 
 
 def _plain_loop(reg, model, stream, probe=None):
@@ -133,3 +135,27 @@ def test_the_library_defaults_are_the_runners():
         model = digits_cnn()
         library = M2KD(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **kwargs)
         assert library.m2kd.config() == runner.m2kd.config(), name
+
+
+@pytest.mark.parametrize("options", [{}, {"teachers": "last"}, {"loss": "bce", "old_targets": "informed"}])
+def test_snapshot_heads_read_drops_rows_without_changing_training(options):
+    """snapshot_heads="read" keeps in each snapshot's heads only the rows its
+    teacher is read at: every loss and every trained weight equals the run that
+    keeps whole heads, bit for bit, and the store holds less. The class order
+    puts the largest class first, so the heads grow to every row at once."""
+    bm = make_benchmark(synthetic_arrays(), 3, class_order=[5, 0, 3, 1, 4, 2])
+    runs = {}
+    for heads in ("read", "whole"):
+        torch.manual_seed(0)
+        model, reg, losses, held = digits_cnn(), M2KDRegularizer(snapshot_heads=heads, **options), [], []
+
+        def probe(r, terms):
+            losses.append(r.total(terms).item())
+            held.append(r.snapshots.nbytes())  # teachers="last" holds one snapshot, which drops rows until it has seen every class
+
+        _plain_loop(reg, model, bm.train_stream, probe)
+        runs[heads] = losses, [p.detach().clone() for p in model.parameters()], sum(held)
+    (read_losses, read_weights, read_bytes), (whole_losses, whole_weights, whole_bytes) = runs["read"], runs["whole"]
+    assert read_losses == whole_losses and len(read_losses) == 9  # 3 batches of 8 in each of 3 experiences
+    assert all(torch.equal(a, b) for a, b in zip(read_weights, whole_weights))
+    assert read_bytes < whole_bytes

@@ -4,17 +4,23 @@ import copy
 
 import pytest
 import torch
+from avalanche.models.utils import avalanche_model_adaptation
 from avalanche.training.templates import SupervisedTemplate
+from torch import nn
 
 from avalanche_m2kd import M2KDPlugin, make_snapshot_store
 from avalanche_m2kd.datasets import split_digits
 from avalanche_m2kd.models import cifar_resnet32, digits_cnn
 from avalanche_m2kd.snapshots import (
     PackNetSnapshotStore,
+    class_row_layers,
     head_module_names,
     load_state_reshaped,
     prunable_weight_names,
+    state_nbytes,
 )
+
+from avalanche_m2kd.taps import FeatureTaps, attach_auxiliary_heads
 
 from helpers import ModelCopies, quiet_evaluator, seed_everything
 
@@ -95,17 +101,19 @@ def test_packnet_frozen_weights_bit_identical_and_teachers_exact():
             assert mask.any()
             assert torch.equal(live[name][mask], old[name][mask]), f"{name} owned by snapshot {k} moved"
     # teacher(0), rebuilt at experience 3, behaves like the copy taken at the end of experience 0
+    # at the classes it teaches (the store keeps only those rows of its heads)
     x = torch.stack([bm.test_stream[i].dataset[j][0] for i in range(4) for j in range(8)])
     for k in (0, 1):
-        teacher = store.teacher(k)
+        teacher, group = store.teacher(k), plugin.groups[k]
         expected = copies.copies[k](x)
         got = teacher(x)
         assert got.shape == expected.shape
-        assert torch.allclose(got, expected, atol=1e-6)
+        assert torch.allclose(got[:, group], expected[:, group], atol=1e-6)
         with torch.no_grad():
             feats_t = teacher.stage2(teacher.stage1(x))
             feats_c = copies.copies[k].stage2(copies.copies[k].stage1(x))
-            assert torch.allclose(teacher.m2kd_aux([feats_t])[0], copies.copies[k].m2kd_aux([feats_c])[0], atol=1e-6)
+            aux_t, aux_c = teacher.m2kd_aux([feats_t])[0], copies.copies[k].m2kd_aux([feats_c])[0]
+            assert torch.allclose(aux_t[:, group], aux_c[:, group], atol=1e-6)
     # capacity: each experience kept 40% of the free weights
     assert store.free_fraction() == pytest.approx(0.6**4, abs=0.01)
 
@@ -207,5 +215,66 @@ def test_m2kd_with_the_last_teacher_holds_one_snapshot():
         stores[teachers] = strategy.m2kd.snapshots
     all_, last = stores["all"], stores["last"]
     assert len(last) == 3 and [last.released(k) for k in range(3)] == [True, True, False]
-    newest = sum(t.numel() * t.element_size() for t in last.snapshot_state(2).values())
+    newest = state_nbytes(last.state_dict()["snapshots"][2])
     assert last.nbytes() == newest and all_.nbytes() > 2 * newest
+
+
+def test_class_row_layers_are_each_heads_output_layer():
+    model = digits_cnn()
+    attach_auxiliary_heads(model, ["stage1", "stage2"], torch.randn(1, 8, 8))
+    assert class_row_layers(model) == [
+        "head.classifier", "m2kd_aux.heads.stage1.classifier.classifier", "m2kd_aux.heads.stage2.classifier.classifier"
+    ]
+    model.head = nn.Sequential(nn.Linear(128, 16), nn.ReLU(), nn.Linear(16, 5))  # a custom head's hidden layer stays whole
+    assert class_row_layers(model, ["head"]) == ["head.2", "m2kd_aux.heads.stage1.classifier.classifier",
+                                                 "m2kd_aux.heads.stage2.classifier.classifier"]
+
+
+def _heads_out(teacher, x):
+    """The main head's and each auxiliary head's logits, side by side."""
+    with torch.no_grad(), FeatureTaps(teacher, ["stage1", "stage2"]) as taps:
+        out = teacher(x)
+        return torch.stack([out] + teacher.m2kd_aux(taps.features()))
+
+
+@pytest.mark.parametrize("kind", ["full", "packnet", "sparse"])
+def test_keep_head_rows_keeps_the_taught_columns_bit_for_bit(kind):
+    """A snapshot keeps only the head rows of the classes it will be read at:
+    those columns are computed exactly as before (main and auxiliary heads),
+    the others read 0 (or the growing head's mask value), the store holds less,
+    and the rows survive a save and load."""
+    bm = split_digits(5, class_order=[9, 4, 0, 1, 2, 3, 5, 6, 7, 8])
+    exp = bm.train_stream[0]  # classes 9 and 4: every head grows to 10 rows at once
+    torch.manual_seed(0)
+    model = digits_cnn()
+    x = torch.stack([exp.dataset[i][0] for i in range(16)])
+    attach_auxiliary_heads(model, ["stage1", "stage2"], x[0])
+    avalanche_model_adaptation(model, exp)
+    store = make_snapshot_store(kind)
+    store.add(model)
+    before, held = _heads_out(store.teacher(0), x), store.nbytes()
+    store.keep_head_rows(0, [4, 9])
+    after = _heads_out(store.teacher(0), x)
+    assert torch.equal(after[:, :, [4, 9]], before[:, :, [4, 9]])
+    others = [c for c in range(10) if c not in (4, 9)]
+    assert torch.equal(after[0][:, others], before[0][:, others])  # the growing head masks classes it never saw
+    assert (after[1:][:, :, others] == 0).all() and (before[1:][:, :, others] != 0).all()
+    dropped = 8 * (128 + 1 + 32 + 1 + 64 + 1) * 4  # 8 rows of float32 weights and bias in 3 layers of 128, 32, 64 inputs
+    assert held - store.nbytes() == dropped - 3 * (2 * 8 + 8)  # less the kept rows' indices and each layer's height
+    clone = make_snapshot_store(kind)
+    clone.load_state_dict(store.state_dict())
+    clone.bind(model)
+    assert torch.equal(_heads_out(clone.teacher(0), x), after)
+    store.keep_head_rows(0, [9])  # rows can be dropped further
+    assert torch.equal(_heads_out(store.teacher(0), x)[:, :, 9], before[:, :, 9])
+    with pytest.raises(ValueError, match=r"classes \[4\] were dropped already"):
+        store.keep_head_rows(0, [4, 9])
+    store.add(model)
+    with pytest.raises(ValueError, match="has 10 rows, none for class 12"):
+        store.keep_head_rows(1, [12])
+    held = store.nbytes()
+    store.keep_head_rows(1, range(10))  # every row read: kept whole, no index stored
+    assert store.nbytes() == held
+    store.release(1)
+    with pytest.raises(ValueError, match="released"):
+        store.keep_head_rows(1, [4])
