@@ -137,7 +137,7 @@ def test_the_library_defaults_are_the_runners():
         assert library.m2kd.config() == runner.m2kd.config(), name
 
 
-@pytest.mark.parametrize("options", [{}, {"teachers": "last"}, {"loss": "bce", "old_targets": "informed"}])
+@pytest.mark.parametrize("options", [{}, {"teachers": "last"}, {"loss": "bce", "old_targets": "informed"}, {"batched_teachers": True}])
 def test_snapshot_heads_read_drops_rows_without_changing_training(options):
     """snapshot_heads="read" keeps in each snapshot's heads only the rows its
     teacher is read at: every loss and every trained weight equals the run that
