@@ -41,7 +41,6 @@ with a message naming it; :func:`register_plugin_state` adds one.
 from __future__ import annotations
 
 import os
-import random
 import re
 import tempfile
 import warnings
@@ -49,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from torch import nn
 
 from ._errors import CheckpointError
+from ._random import rng_state, set_rng_state
 from .exemplars import StreamSamples, buffer_state, load_buffer, sample_ids
 from .models.ed_student import EDStudent
 from .models.surgery import conform_incremental_classifiers, grow_student_to_state
@@ -250,32 +249,7 @@ def _load_optimizer(strategy, state: dict) -> None:
     strategy.optimized_param_id = chosen
 
 
-# -- random generators and the clock ------------------------------------------------------------
-def rng_state() -> dict:
-    """The states of torch's, CUDA's, numpy's and Python's generators."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`'s generators."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(_tuples(state["python"]))
-
-
-def _tuples(value):
-    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
+# -- the clock ------------------------------------------------------------------------------------
 def _clock_state(clock) -> dict:
     return {k: int(v) for k, v in vars(clock).items() if isinstance(v, int) and not isinstance(v, bool)}
 

@@ -32,6 +32,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ._random import rng_state, set_rng_state
 from .losses import TeacherOutput, class_position_table
 from .precision import Precision, autocast, check_precision
 from .snapshots import freeze, load_state_reshaped
@@ -111,6 +112,8 @@ def train_group_teacher(
     lrs: Optional[List[float]] = None,
     precision: Precision = "fp32",
     augment: Optional[Callable[[Tensor], Tensor]] = None,
+    resume: Optional[dict] = None,
+    on_epoch_end: Optional[Callable[[dict], None]] = None,
 ) -> "GroupTeacher":
     """Train ``module`` (``len(classes)`` outputs) by cross-entropy on the
     samples of ``dataset`` (training transforms), global labels ``classes[i]``
@@ -122,7 +125,13 @@ def train_group_teacher(
     context around the whole loop would run every forward on the first step's
     weights, and nothing would be learned. ``augment``: applied to each batch
     on the device (the augmentation a :class:`~avalanche_m2kd.DeviceDataPlugin`
-    took out of the dataset's transforms). Returns the frozen :class:`GroupTeacher`."""
+    took out of the dataset's transforms). Returns the frozen :class:`GroupTeacher`.
+
+    Long teachers survive a stop: ``on_epoch_end(state)`` receives, after each
+    epoch, everything needed to continue (epochs done, module, optimizer and
+    scheduler states, the random states that shuffle and augment: a copy, to
+    save with ``torch.save``), and ``resume=state`` continues from it in a fresh process,
+    giving the weights the uninterrupted run gives (tested bit for bit)."""
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
@@ -132,10 +141,21 @@ def train_group_teacher(
     data = dataset.train() if hasattr(dataset, "train") else dataset
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, collate_fn=getattr(data, "collate_fn", None))
     scheduler = scheduler_factory(optimizer, epochs)
+    done_lrs: List[float] = []
+    if resume is not None:
+        if resume.get("format") != _TEACHER_PROGRESS or resume.get("epochs") != epochs:
+            raise ValueError(
+                f"train_group_teacher: the resume state is not from a {epochs}-epoch training "
+                f"(it was saved by one of {resume.get('epochs')} epochs); start without it"
+            )
+        module.load_state_dict(resume["module"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["random"])  # the next epoch shuffles and augments as the uninterrupted run
+        done_lrs = list(resume["lrs"])
     module.train()
-    for _ in range(epochs):
-        if lrs is not None:
-            lrs.append(optimizer.param_groups[0]["lr"])
+    for _ in range(len(done_lrs), epochs):
+        done_lrs.append(optimizer.param_groups[0]["lr"])
         for batch in loader:
             x, y = batch[0].to(device), batch[1].to(device)
             if augment is not None:
@@ -146,7 +166,18 @@ def train_group_teacher(
             F.cross_entropy(logits.float(), lookup[y]).backward()
             optimizer.step()
         scheduler.step()
+        if on_epoch_end is not None:
+            on_epoch_end(copy.deepcopy({
+                "format": _TEACHER_PROGRESS, "epochs": epochs, "lrs": done_lrs,
+                "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "random": rng_state(),
+            }))
+    if lrs is not None:
+        lrs.extend(done_lrs)
     return GroupTeacher(module, classes, columns=range(len(classes)))
+
+
+_TEACHER_PROGRESS = "avalanche_m2kd.teacher_progress/1"
 
 
 _FINGERPRINT_WEIGHTS: Dict[tuple, Tensor] = {}

@@ -1,5 +1,6 @@
 """Issue 16: the ED-versus-distillation benchmark and its baselines."""
 
+import io
 import json
 from types import SimpleNamespace
 
@@ -231,3 +232,82 @@ def test_ed_with_one_stage_and_the_all_class_teacher_is_single_teacher_distillat
     assert ed["student_hash"] == kd["student_hash"] and ed["top1"] == kd["top1"]
     ce = ed_kd.train_student("ce", 0, config, data, stages, whole, teachers)
     assert ce["student_hash"] != kd["student_hash"]  # the check can fail: the teacher matters
+
+
+class _Stop(Exception):
+    """Stands in for a kill between two epochs."""
+
+
+def _through_a_file(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_a_teacher_stopped_between_epochs_resumes_to_the_same_weights():
+    """train_group_teacher hands out its state after every epoch; a fresh
+    module resumed from the state after epoch 2 of 3 ends with the weights,
+    learning rates and random generator of the uninterrupted training."""
+    from avalanche_m2kd import models
+    from avalanche_m2kd.teachers import train_group_teacher
+
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*TINY, "--device", "cpu", "--train-per-class", "20"]))
+    data, stages, whole = ed_kd.load_streams(config)
+    exp = stages.train_stream[0]
+    classes = sorted(int(c) for c in exp.classes_in_this_experience)
+
+    def train(seed, epochs=3, **options):
+        torch.manual_seed(seed)
+        module, lrs = models.create("digits_cnn", num_classes=len(classes), in_channels=1), []
+        train_group_teacher(module, exp.dataset, classes, epochs, ed_kd._sgd(config), ed_kd._scheduler([0.5], 0.1), 16,
+                            "cpu", lrs=lrs, **options)
+        return module, lrs
+
+    straight, straight_lrs = train(0)
+    generator_after = torch.get_rng_state()
+    states = []
+
+    def stop_after_two(state):
+        states.append(_through_a_file(state))
+        if len(state["lrs"]) == 2:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(0, on_epoch_end=stop_after_two)
+    resumed, lrs = train(123, resume=states[-1])  # another start: other initial weights, other generator
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    lr = config["lr"]
+    assert lrs == straight_lrs == pytest.approx([lr, lr, lr / 10])  # the milestone at half of 3 epochs
+    assert torch.equal(torch.get_rng_state(), generator_after)
+    with pytest.raises(ValueError, match="not from a 4-epoch training"):
+        train(0, epochs=4, resume=states[-1])
+
+
+def test_the_benchmark_continues_a_stopped_teacher_from_its_last_epoch(tmp_path, monkeypatch):
+    """A run stopped inside a teacher's training leaves that teacher's progress
+    file; the next run continues it and trains the teacher a straight run trains."""
+    import avalanche_m2kd.teachers as teachers_module
+
+    args = [*TINY, "--methods", "kd"]
+    assert ed_kd.main([*args, "--teachers", str(tmp_path / "straight"), "--out", str(tmp_path / "a")]) == 0
+    real = teachers_module.train_group_teacher
+
+    def stopped_after_one_epoch(*a, on_epoch_end=None, **kw):
+        def save_then_stop(state):
+            on_epoch_end(state)
+            raise _Stop
+
+        return real(*a, on_epoch_end=save_then_stop, **kw)
+
+    monkeypatch.setattr(teachers_module, "train_group_teacher", stopped_after_one_epoch)
+    folder = tmp_path / "stopped"
+    with pytest.raises(_Stop):
+        ed_kd.main([*args, "--teachers", str(folder), "--out", str(tmp_path / "b")])
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["teacher-all.progress.pt"]
+    monkeypatch.setattr(teachers_module, "train_group_teacher", real)
+    assert ed_kd.main([*args, "--teachers", str(folder), "--out", str(tmp_path / "b")]) == 0
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == ["teacher-all.pt"]
+    want = torch.load(tmp_path / "straight" / "teacher-all.pt", weights_only=True)["state"]
+    got = torch.load(folder / "teacher-all.pt", weights_only=True)["state"]
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -39,7 +39,10 @@ Equal terms (each checked by a test on every method's resolved plan, see
 
 Teachers are trained once per teacher folder (``--teachers``), with their
 configuration stored beside their weights and checked when they are loaded,
-and shared by every method and seed. Each teacher's accuracy on each stage's
+and shared by every method and seed. A teacher's training is saved after every
+epoch (``teacher-ROLE.progress.pt``), so a stopped run continues it where it
+stopped, to the same weights; finished student runs are kept in results.json,
+so rerunning the same command continues a stopped benchmark. Each teacher's accuracy on each stage's
 classes is reported, the all-class teacher's (restricted to the stage's
 classes, as ``ed-1t`` uses it) included.
 """
@@ -225,16 +228,42 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
             log(f"teacher {role}: loaded from {path}")
             continue
         began = time.perf_counter()
+        progress_path = folder / f"teacher-{role}.progress.pt"
+        progress = _teacher_progress(progress_path, wanted, classes, device)
+        if progress is not None:
+            began -= progress["train_s"]
+            log(f"teacher {role}: continues after epoch {len(progress['lrs'])} from {progress_path}")
+
+        def save_progress(state: dict) -> None:  # a stopped run continues from its last finished epoch
+            saved = {**state, "config": wanted, "classes": classes, "train_s": time.perf_counter() - began}
+            atomic_write(progress_path, lambda tmp: torch.save(saved, tmp))
+
         out[role] = train_group_teacher(
             module, dataset, classes, teacher_epochs(config, len(dataset), len(specs["all"][1])), _sgd(config),
             _scheduler(config["milestones"], config["gamma"]), config["batch_size"], device, precision=config["precision"],
+            resume=progress, on_epoch_end=save_progress,
         )
         state = {"config": wanted, "classes": classes, "state": module.state_dict(),
                  "train_s": time.perf_counter() - began}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
+        progress_path.unlink(missing_ok=True)
         log(f"teacher {role}: trained in {state['train_s']:.0f} s, saved to {path}")
         check_stop()
     return out
+
+
+def _teacher_progress(path: Path, wanted: dict, classes: List[int], device) -> Optional[dict]:
+    """A teacher's training saved after its last finished epoch, if ``path``
+    holds one of the same configuration (another configuration is refused)."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise UsageError(f"teacher progress file {path} cannot be read safely ({type(err).__name__}); delete it to restart the teacher") from None
+    if not isinstance(saved, dict) or saved.get("config") != wanted or saved.get("classes") != classes:
+        raise UsageError(f"teacher progress file {path} belongs to another teacher configuration; delete it or use another --teachers folder")
+    return saved
 
 
 # -- students ---------------------------------------------------------------------------------------------
