@@ -225,6 +225,7 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
                 raise UsageError(f"teacher file {path} does not fit the {config['teacher']} teacher "
                                  f"({str(err).splitlines()[0][:120]}); delete it to retrain") from None
             out[role] = GroupTeacher(module, classes, range(len(classes)))
+            (folder / f"teacher-{role}.progress.pt").unlink(missing_ok=True)  # left by a stop just after the teacher was saved
             log(f"teacher {role}: loaded from {path}")
             continue
         began = time.perf_counter()
