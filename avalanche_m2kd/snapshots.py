@@ -306,7 +306,8 @@ class SnapshotStore:
                 raise ValueError(f"snapshot {k}: the rows of {layer} for classes {lost} were dropped already")
         full = _expand_head_rows(stored)
         names = {layer: [n for n in (f"{layer}.weight", f"{layer}.bias") if n in full] for layer in layers}
-        encoded = {n: v for n, v in full.items() if not any(n in own for own in names.values())}
+        rows_of_classes = {n for own in names.values() for n in own}
+        encoded = {n: v for n, v in full.items() if n not in rows_of_classes}
         for layer, own in names.items():
             if not own:
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 
 import numpy as np
@@ -67,6 +68,15 @@ class ModelCopies(SupervisedPlugin):
 
     def after_training_exp(self, strategy, **kwargs):
         self.copies.append(copy.deepcopy(strategy.model).eval())
+
+
+def through_a_file(state):
+    """``state`` saved with ``torch.save`` and read back as checkpoints are,
+    with ``weights_only=True`` (plain data and tensors only)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def seed_everything(seed: int) -> None:

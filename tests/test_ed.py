@@ -13,7 +13,7 @@ from avalanche_m2kd.datasets import split_digits
 from avalanche_m2kd.losses import education_distillation_loss
 from avalanche_m2kd.models import ed_resnet20, ed_small, ed_wrn16_2, load_student_state
 
-from helpers import quiet_evaluator
+from helpers import quiet_evaluator, through_a_file
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +312,7 @@ def test_the_plugin_owns_its_state_and_restores_it(digits3):
     assert sum(len(g["ids"]) for g in state["memory"]["groups"].values()) == 6
 
     fresh = EducationDistillationPlugin(teacher_factory=lambda n: models.digits_cnn(num_classes=n), revisit=6)
-    fresh.load_state_dict(torch.load(_saved(state), weights_only=True), experiences, student)
+    fresh.load_state_dict(through_a_file(state), experiences, student)
     assert fresh.stage_classes == ed.ed.stage_classes
     for a, b in zip(fresh.teachers, ed.ed.teachers):
         assert a.classes == b.classes and all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
@@ -321,11 +321,3 @@ def test_the_plugin_owns_its_state_and_restores_it(digits3):
     with pytest.raises(ValueError, match="not an EducationDistillationPlugin state"):
         fresh.load_state_dict({"format": "something else"})
 
-
-def _saved(state):
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)  # plain data and tensors: loads with weights_only
-    buffer.seek(0)
-    return buffer

@@ -1,6 +1,5 @@
 """Issue 16: the ED-versus-distillation benchmark and its baselines."""
 
-import io
 import json
 from types import SimpleNamespace
 
@@ -11,6 +10,8 @@ from torch import nn
 
 from avalanche_m2kd import RoutedDistillationPlugin
 from benchmarks.studies import ed_kd
+
+from helpers import through_a_file
 
 TINY = ["--epochs", "2", "--teacher-epochs", "2", "--seeds", "0", "--quiet"]
 
@@ -238,13 +239,6 @@ class _Stop(Exception):
     """Stands in for a kill between two epochs."""
 
 
-def _through_a_file(state: dict) -> dict:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
-
-
 def test_a_teacher_stopped_between_epochs_resumes_to_the_same_weights():
     """train_group_teacher hands out its state after every epoch; a fresh
     module resumed from the state after epoch 2 of 3 ends with the weights,
@@ -269,7 +263,7 @@ def test_a_teacher_stopped_between_epochs_resumes_to_the_same_weights():
     states = []
 
     def stop_after_two(state):
-        states.append(_through_a_file(state))
+        states.append(through_a_file(state))
         if len(state["lrs"]) == 2:
             raise _Stop
 

@@ -1,7 +1,6 @@
 """M2KDPlugin inside Avalanche strategies: teachers, errors, state."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from avalanche_m2kd import M2KD, M2KDPlugin
 from avalanche_m2kd.losses import distill_group_logits
 from avalanche_m2kd.models import digits_cnn
 
-from helpers import batch_terms, quiet_evaluator, seed_everything, synthetic_arrays, synthetic_stream
+from helpers import batch_terms, quiet_evaluator, seed_everything, synthetic_arrays, synthetic_stream, through_a_file
 
 
 def make_strategy(plugin, model=None, epochs=1, extra=()):
@@ -206,10 +205,7 @@ def test_state_dict_round_trip_gives_the_same_losses():
     x, y = batch_of(bm.train_stream[2])
     model.train()
     avalanche_model_adaptation(model, bm.train_stream[2])
-    buffer = io.BytesIO()
-    torch.save({"plugin": plugin.state_dict(), "model": model.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = through_a_file({"plugin": plugin.state_dict(), "model": model.state_dict()})
 
     fresh_model = digits_cnn()
     fresh = M2KDPlugin(**config)

@@ -202,15 +202,12 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     for role in roles:
         classes, dataset = specs[role]
         wanted = teacher_config(config, role)
-        path = folder / f"teacher-{role}.pt"
+        path, progress_path = folder / f"teacher-{role}.pt", folder / f"teacher-{role}.progress.pt"
         # a teacher's seed depends on its role only: the same teacher whatever methods a run asks for
         torch.manual_seed(config["teacher_seed"] + list(specs).index(role))
         module = models.create(config["teacher"], num_classes=len(classes), in_channels=data.input_shape[0]).to(device)
         if path.is_file():
-            try:
-                saved = torch.load(path, map_location=device, weights_only=True)
-            except Exception as err:
-                raise UsageError(f"teacher file {path} cannot be read safely ({type(err).__name__}); delete it to retrain") from None
+            saved = _read_safely(path, device, "teacher file", "delete it to retrain")
             if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("state"), dict)):
                 raise UsageError(f"teacher file {path} is not one benchmarks.studies.ed_kd wrote (no config or state); delete it to retrain")
             if saved.get("config") != wanted or saved.get("classes") != classes:
@@ -225,11 +222,10 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
                 raise UsageError(f"teacher file {path} does not fit the {config['teacher']} teacher "
                                  f"({str(err).splitlines()[0][:120]}); delete it to retrain") from None
             out[role] = GroupTeacher(module, classes, range(len(classes)))
-            (folder / f"teacher-{role}.progress.pt").unlink(missing_ok=True)  # left by a stop just after the teacher was saved
+            progress_path.unlink(missing_ok=True)  # left by a stop just after the teacher was saved
             log(f"teacher {role}: loaded from {path}")
             continue
         began = time.perf_counter()
-        progress_path = folder / f"teacher-{role}.progress.pt"
         progress = _teacher_progress(progress_path, wanted, classes, device)
         if progress is not None:
             began -= progress["train_s"]
@@ -253,15 +249,21 @@ def get_teachers(config: dict, data, stages, whole, folder: Path, log) -> Dict[s
     return out
 
 
+def _read_safely(path: Path, device, what: str, fix: str):
+    """``torch.load`` with ``weights_only``: a file that holds anything but
+    plain data and tensors is one error line naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{what} {path} cannot be read safely ({type(err).__name__}); {fix}") from None
+
+
 def _teacher_progress(path: Path, wanted: dict, classes: List[int], device) -> Optional[dict]:
     """A teacher's training saved after its last finished epoch, if ``path``
     holds one of the same configuration (another configuration is refused)."""
     if not path.is_file():
         return None
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise UsageError(f"teacher progress file {path} cannot be read safely ({type(err).__name__}); delete it to restart the teacher") from None
+    saved = _read_safely(path, device, "teacher progress file", "delete it to restart the teacher")
     if not isinstance(saved, dict) or saved.get("config") != wanted or saved.get("classes") != classes:
         raise UsageError(f"teacher progress file {path} belongs to another teacher configuration; delete it or use another --teachers folder")
     return saved
