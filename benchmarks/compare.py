@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-per-class", type=int, help="at most this many training images per class")
     p.add_argument("--test-per-class", type=int, help="at most this many test images per class")
     p.add_argument("--m2kd-store", choices=["full", "packnet", "sparse"], help="snapshot store of the m2kd strategies")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and teachers (fp16: CUDA only)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="forward passes of students and of M2KD's and ED's teachers; Avalanche's lwf and icarl run their previous model in fp32 (fp16: CUDA only)")
     p.add_argument("--teacher-inference", choices=["fused", "plain", "compiled"],
                    help="how M2KD's and ED's teachers run (default fused; compiled: torch.compile, faster after a first wait)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

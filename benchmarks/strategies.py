@@ -54,7 +54,9 @@ def make_optimizer(params, name: str, config: dict) -> torch.optim.Optimizer:
 def _plugins(optimizer, setup: "Setup", replay: bool) -> List:
     config = setup.config
     plugins: List = [*setup.first_plugins, PairedStreamPlugin(setup.seed)]
-    if config.get("precision", "fp32") != "fp32":  # first: autocast covers the teacher passes other plugins make
+    # Autocast covers the student's forward only: Avalanche's LwF and ICaRL run their previous model in
+    # float32 (outside it), this library's teachers in --precision through teacher_precision.
+    if config.get("precision", "fp32") != "fp32":
         plugins.append(MixedPrecisionPlugin(config["precision"]))
     if config["milestones"]:
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config["milestones"], gamma=config["gamma"])

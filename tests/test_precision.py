@@ -78,6 +78,37 @@ def test_plugin_autocasts_the_student_forward_only_and_returns_float32():
     assert outputs and all(dtype == torch.float32 and not inside for dtype, inside in outputs)
 
 
+def test_avalanche_lwf_runs_its_previous_model_outside_the_student_autocast():
+    """What docs/runner.md says of --precision: Avalanche's LwF calls its previous
+    model in before_backward, after the plugin's autocast has closed, so that
+    teacher runs in float32 (and costs float32's time) while the student runs in bf16."""
+    from avalanche.training import LwF
+
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = digits_cnn()
+
+        def forward(self, x):
+            calls.append((id(self), torch.is_autocast_cpu_enabled()))
+            return self.net(x)
+
+    torch.manual_seed(0)
+    bm = synthetic_stream(2)
+    model = Probe()
+    strategy = LwF(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), criterion=nn.CrossEntropyLoss(),
+                   alpha=1.0, temperature=2.0,
+                   train_mb_size=8, train_epochs=1, evaluator=quiet_evaluator(), plugins=[MixedPrecisionPlugin("bf16")])
+    strategy.train(bm.train_stream[0])
+    calls.clear()
+    strategy.train(bm.train_stream[1])
+    student = {inside for who, inside in calls if who == id(model)}
+    teacher = {inside for who, inside in calls if who != id(model)}
+    assert student == {True} and teacher == {False}
+
+
 def test_fp16_scaler_skips_a_non_finite_step_instead_of_raising():
     """On CPU for the test (the runner allows fp16 on CUDA only): an inf in the
     loss makes the scaler skip the step, lower its scale, and M2KD not raise."""
