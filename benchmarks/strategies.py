@@ -32,7 +32,7 @@ class Setup:
     seed: int = 0  # every epoch's data order and augmentation (PairedStreamPlugin)
 
 
-ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
+ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-last-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
 """Strategies run only when named in ``--strategies`` (not in the default set)."""
 
 
@@ -219,6 +219,7 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd-bce": _m2kd(loss="bce"),
     "m2kd-bce-last": _m2kd(loss="bce", teachers="last"),
     "m2kd-bce-noaux": _m2kd(loss="bce", aux_layers=()),
+    "m2kd-bce-last-noaux": _m2kd(loss="bce", teachers="last", aux_layers=()),
     "m2kd-bce-informed": _m2kd(loss="bce", old_targets="informed"),
     "m2kd-bce-icarlhead": _m2kd(True, loss="bce"),
     "ed": build_ed,
@@ -265,6 +266,7 @@ DESCRIPTIONS = {
     "m2kd-bce": "M2KD's sigmoid form with the trained, growing head (no nearest-mean classifier; for --mem-size 0)",
     "m2kd-bce-last": "the same with the last snapshot only",
     "m2kd-bce-noaux": "m2kd-bce without auxiliary heads (ablation)",
+    "m2kd-bce-last-noaux": "the last snapshot in the sigmoid form, no auxiliary heads: iCaRL's LwF.MC through our code (ablation)",
     "m2kd-bce-informed": "m2kd-bce with old_targets='informed' (ablation)",
     "m2kd-bce-icarlhead": "m2kd-bce with iCaRL's fixed classifier, every column in the loss (ablation)",
     "ed": "Education Distillation: growing student, one teacher per experience",
