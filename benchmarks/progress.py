@@ -75,18 +75,33 @@ def paired(runs: List[dict], against: str) -> List[dict]:
     return out
 
 
+def hours_left(run: dict) -> Optional[float]:
+    """Core-hours a run still needs: its steps left at the mean CPU time of its
+    steps after the first (the first has no teacher to run), or of the first
+    alone. None when it has measured no step or its length is unknown. A lower
+    bound for all-snapshot M2KD, whose steps grow with the snapshots."""
+    measured = [s for s in run["cpu_s"] if s is not None]
+    if not measured or not run.get("steps_total"):
+        return None
+    typical = measured[1:] or measured
+    return max(run["steps_total"] - len(run["accuracy"]), 0) * sum(typical) / len(typical) / 3600
+
+
 def markdown(runs: List[dict], against: Optional[str] = None) -> str:
     lines = [
-        "| strategy | seed | steps | accuracy on the classes seen, per step (%) | mean so far | core-hours so far |",
-        "|---|---|---|---|---|---|",
+        "| strategy | seed | steps | accuracy on the classes seen, per step (%) | mean so far | core-hours so far | core-hours left (est.) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"])):
         acc = r["accuracy"]
         total = f"/{r['steps_total']}" if r.get("steps_total") else ""
         hours = sum(s for s in r["cpu_s"] if s is not None) / 3600
         mean = f"{100 * sum(acc) / len(acc):.1f}" if acc else "—"
+        left = hours_left(r)
         lines.append(f"| {r['strategy']} | {r['seed']} | {len(acc)}{total} | {' / '.join(f'{100 * a:.1f}' for a in acc) or '—'} "
-                     f"| {mean} | {hours:.1f} |")
+                     f"| {mean} | {hours:.1f} | {'—' if left is None else f'{left:.1f}'} |")
+    known = [h for h in map(hours_left, runs) if h is not None]
+    lines += ["", f"Core-hours left for these runs: about {sum(known):.1f} (steps left at each run's mean step so far)."]
     if against:
         pairs = paired(runs, against)
         lines += ["", f"Paired against `{against}` (same seed, the steps both runs finished):", "",

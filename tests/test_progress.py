@@ -25,9 +25,19 @@ def test_the_table_and_the_pairs_cover_only_the_steps_measured(tmp_path, capsys)
     assert round(pairs[0]["mean"], 6) == 0.0 and round(pairs[0]["last"], 6) == 10.0  # (0.8+0.6)/2 - (0.9+0.5)/2; 0.6 - 0.5
     assert progress.main([str(a), str(b), "--against", "lwf"]) == 0
     out = capsys.readouterr().out
-    assert "| lwf | 0 | 3/3 | 90.0 / 50.0 / 36.7 | 58.9 | 3.0 |" in out
-    assert "| m2kd-bce | 0 | 2/3 | 80.0 / 60.0 | 70.0 | 2.0 |" in out
+    assert "| lwf | 0 | 3/3 | 90.0 / 50.0 / 36.7 | 58.9 | 3.0 | 0.0 |" in out
+    assert "| m2kd-bce | 0 | 2/3 | 80.0 / 60.0 | 70.0 | 2.0 | 1.0 |" in out
+    assert "| m2kd-bce | 1 | 1/3 | 70.0 | 70.0 | 1.0 | 2.0 |" in out
+    assert "Core-hours left for these runs: about 3.0" in out
     assert "| m2kd-bce | 0 | 2 | +0.0 | +10.0 |" in out
+
+
+def test_hours_left_prices_the_steps_left_at_the_steps_after_the_first():
+    run = {"accuracy": [0.9, 0.5], "cpu_s": [600.0, 1800.0], "steps_total": 10}
+    assert progress.hours_left(run) == 8 * 1800 / 3600  # the teacher-free first step is left out
+    assert progress.hours_left(dict(run, accuracy=[0.9], cpu_s=[600.0])) == 9 * 600 / 3600
+    assert progress.hours_left(dict(run, accuracy=[], cpu_s=[])) is None
+    assert progress.hours_left(dict(run, steps_total=None)) is None
 
 
 def test_bad_folders_and_an_unknown_reference_end_in_one_line(tmp_path, capsys):
