@@ -78,35 +78,55 @@ def test_plugin_autocasts_the_student_forward_only_and_returns_float32():
     assert outputs and all(dtype == torch.float32 and not inside for dtype, inside in outputs)
 
 
-def test_avalanche_lwf_runs_its_previous_model_outside_the_student_autocast():
+@pytest.mark.parametrize("baseline", ["lwf", "icarl"])
+def test_avalanche_baselines_run_their_previous_model_outside_the_student_autocast(baseline):
     """What docs/runner.md says of --precision: Avalanche's LwF calls its previous
-    model in before_backward, after the plugin's autocast has closed, so that
-    teacher runs in float32 (and costs float32's time) while the student runs in bf16."""
-    from avalanche.training import LwF
+    model in before_backward and ICaRL in before_forward, both outside the
+    plugin's autocast, so those teachers run in float32 (and cost float32's time)
+    while the student runs in bf16."""
+    from avalanche.training import ICaRL, LwF
 
-    calls = []
+    from avalanche_m2kd.models import feature_extractor
 
-    class Probe(nn.Module):
-        def __init__(self):
+    calls, in_iteration = [], [False]
+
+    class Probe(nn.Module):  # records, per module instance, whether autocast was on in a training iteration
+        def __init__(self, inner):
             super().__init__()
-            self.net = digits_cnn()
+            self.inner = inner
 
         def forward(self, x):
-            calls.append((id(self), torch.is_autocast_cpu_enabled()))
-            return self.net(x)
+            if in_iteration[0]:  # not herding or class means, which ICaRL runs after training
+                calls.append((id(self), torch.is_autocast_cpu_enabled()))
+            return self.inner(x)
+
+    class Iterations(MixedPrecisionPlugin.__mro__[1]):  # a SupervisedPlugin
+        def before_training_iteration(self, strategy, **kwargs):
+            in_iteration[0] = True
+
+        def after_training_iteration(self, strategy, **kwargs):
+            in_iteration[0] = False
 
     torch.manual_seed(0)
     bm = synthetic_stream(2)
-    model = Probe()
-    strategy = LwF(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), criterion=nn.CrossEntropyLoss(),
-                   alpha=1.0, temperature=2.0,
-                   train_mb_size=8, train_epochs=1, evaluator=quiet_evaluator(), plugins=[MixedPrecisionPlugin("bf16")])
+    common = dict(train_mb_size=8, train_epochs=1, evaluator=quiet_evaluator(), plugins=[MixedPrecisionPlugin("bf16"), Iterations()])
+    if baseline == "lwf":
+        student = Probe(digits_cnn())
+        strategy = LwF(model=student, optimizer=torch.optim.SGD(student.parameters(), lr=0.05),
+                       criterion=nn.CrossEntropyLoss(), alpha=1.0, temperature=2.0, **common)
+    else:
+        backbone = digits_cnn(num_classes=10)
+        student, classifier = Probe(feature_extractor(backbone)), nn.Linear(backbone.feature_dim, 10)
+        strategy = ICaRL(feature_extractor=student, classifier=classifier, memory_size=20, buffer_transform=None,
+                         fixed_memory=True, optimizer=torch.optim.SGD([*student.parameters(), *classifier.parameters()], lr=0.05),
+                         **common)
     strategy.train(bm.train_stream[0])
     calls.clear()
     strategy.train(bm.train_stream[1])
-    student = {inside for who, inside in calls if who == id(model)}
-    teacher = {inside for who, inside in calls if who != id(model)}
-    assert student == {True} and teacher == {False}
+    inside = {who == id(student): set() for who, _ in calls}
+    for who, on in calls:
+        inside[who == id(student)].add(on)
+    assert inside == {True: {True}, False: {False}}  # the student in bf16, its previous model in float32
 
 
 def test_fp16_scaler_skips_a_non_finite_step_instead_of_raising():
