@@ -341,13 +341,24 @@ BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>[\w-]+)(?P<options>[
 """A generated table: ``<!-- results FOLDER KIND [strategies=a,b] -->`` ... ``<!-- /results -->``."""
 
 
+def stage_top1_cell(runs: List[dict]) -> str:
+    """One method's top-1 on each stage's classes, mean over its runs ("a / b / c",
+    in %); "—" when a run predates ``top1_per_stage``."""
+    staged = [r["top1_per_stage"] for r in runs if "top1_per_stage" in r]
+    if not runs or len(staged) < len(runs):
+        return "—"
+    return " / ".join(f"{100 * a:.1f}" for a in np.mean(staged, axis=0))
+
+
 def ed_table(runs: List[dict]) -> str:
-    """ED against distillation: each method's top-1, mean ± std over seeds."""
-    lines = ["| method | top-1 (%) | seeds |", "|---|---|---|"]
+    """ED against distillation: each method's top-1, mean ± std over seeds, and
+    its top-1 on each stage's classes."""
+    lines = ["| method | top-1 (%) | on each stage's classes (%) | seeds |", "|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in runs):
-        acc = [100 * r["top1"] for r in runs if r["method"] == method]
+        mine = [r for r in runs if r["method"] == method]
+        acc = [100 * r["top1"] for r in mine]
         std = float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0
-        lines.append(f"| {method} | {np.mean(acc):.1f} ± {std:.1f} | {len(acc)} |")
+        lines.append(f"| {method} | {np.mean(acc):.1f} ± {std:.1f} | {stage_top1_cell(mine)} | {len(acc)} |")
     return "\n".join(lines) + "\n"
 
 

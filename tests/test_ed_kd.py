@@ -52,11 +52,18 @@ def test_benchmark_trains_teachers_once_and_reuses_them(tmp_path, capsys):
     second = {r["method"]: r["top1"] for r in _runs(tmp_path / "b")}
     assert first == second and set(first) == {"kd", "mtkd", "ed"}
     assert all(0.2 < v <= 1.0 for v in first.values())  # 10 classes: far above chance
+    config = ed_kd.load_config(ed_kd.build_parser().parse_args([*args, "--out", str(tmp_path / "a")]))
+    sizes = [len(exp.dataset) for exp in ed_kd.load_streams(config)[1].test_stream]
+    for run in _runs(tmp_path / "a"):  # the stages' top-1, weighted by their test images, is the top-1
+        assert len(run["top1_per_stage"]) == 3
+        assert sum(a * n for a, n in zip(run["top1_per_stage"], sizes)) / sum(sizes) == pytest.approx(run["top1"], abs=1e-12)
     teachers_top1 = json.loads((tmp_path / "a" / "results.json").read_text())["teachers"]
     assert set(teachers_top1) == {"all", "stage0", "stage1", "stage2", "all@stage0", "all@stage1", "all@stage2"}
     assert all(0.5 < v <= 1.0 for v in teachers_top1.values())  # 3 or 4 digit classes each, far above chance
     summary = (tmp_path / "a" / "summary.md").read_text()
     assert "| ed | mtkd |" in summary and "| ed | kd |" in summary
+    ed = next(r for r in _runs(tmp_path / "a") if r["method"] == "ed")
+    assert f"| {' / '.join(f'{100 * a:.1f}' for a in ed['top1_per_stage'])} | 1 |" in summary  # one seed: the mean is the run
     capsys.readouterr()
     assert ed_kd.main([*TINY, "--teacher-epochs", "3", "--teachers", str(teachers), "--methods", "kd", "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -378,7 +378,8 @@ def train_student(method: str, seed: int, config: dict, data, stages, whole, tea
     elapsed = time.perf_counter() - began
     from avalanche_m2kd.distributed import state_hash
 
-    return {"method": method, "seed": seed, "top1": top1(student, whole.test_stream[0].dataset, device), "wall_time_s": elapsed,
+    return {"method": method, "seed": seed, "top1": top1(student, whole.test_stream[0].dataset, device),
+            "top1_per_stage": [top1(student, exp.dataset, device) for exp in stages.test_stream], "wall_time_s": elapsed,
             "final_lr": optimizer.param_groups[0]["lr"], "student_hash": state_hash(student.state_dict())}
 
 
@@ -418,7 +419,9 @@ def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict
 
 @torch.no_grad()
 def top1(model, dataset, device) -> float:
-    """Top-1 over every test image (100-way on CIFAR-100: one head, no task labels)."""
+    """Top-1 over every image of ``dataset`` (100-way on CIFAR-100: one head, no
+    task labels); on one stage's test images, the student's top-1 on that
+    stage's classes (``top1_per_stage``: where a method's points are lost)."""
     from torch.utils.data import DataLoader
 
     model.eval()
@@ -439,6 +442,8 @@ def paired(runs: List[dict]) -> List[dict]:
 
 
 def summary(document: dict) -> str:
+    from benchmarks.report import stage_top1_cell
+
     c = document["config"]
     lines = [
         f"# {c['dataset']}, {c['stages']} stages, preset {c['preset']}",
@@ -450,14 +455,14 @@ def summary(document: dict) -> str:
         "- teachers' top-1 on their own classes: "
         + ", ".join(f"{role} {100 * acc:.1f}%" for role, acc in document.get("teachers", {}).items()),
         "",
-        "| Method | Top-1 (%) | Seeds | Time (s) |",
-        "|---|---|---|---|",
+        "| Method | Top-1 (%) | Top-1 on each stage's classes (%) | Seeds | Time (s) |",
+        "|---|---|---|---|---|",
     ]
     for method in METHODS:
         runs = [r for r in document["runs"] if r["method"] == method]
         if runs:
             acc = [100 * r["top1"] for r in runs]
-            lines.append(f"| {method} | {np.mean(acc):.1f} ± {np.std(acc, ddof=1) if len(acc) > 1 else 0:.1f} | "
+            lines.append(f"| {method} | {np.mean(acc):.1f} ± {np.std(acc, ddof=1) if len(acc) > 1 else 0:.1f} | {stage_top1_cell(runs)} | "
                          f"{len(runs)} | {np.mean([r['wall_time_s'] for r in runs]):.0f} |")
     lines += ["", "Paired differences on the same seeds (percentage points of top-1; per seed, then mean ± std, wins):", "",
               "| Method | Baseline | Per seed | Mean ± std | Wins |", "|---|---|---|---|---|"]
