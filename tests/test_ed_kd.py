@@ -53,7 +53,9 @@ def test_benchmark_trains_teachers_once_and_reuses_them(tmp_path, capsys):
     assert first == second and set(first) == {"kd", "mtkd", "ed"}
     assert all(0.2 < v <= 1.0 for v in first.values())  # 10 classes: far above chance
     config = ed_kd.load_config(ed_kd.build_parser().parse_args([*args, "--out", str(tmp_path / "a")]))
-    sizes = [len(exp.dataset) for exp in ed_kd.load_streams(config)[1].test_stream]
+    _, stages, whole = ed_kd.load_streams(config)
+    sizes = [len(exp.dataset) for exp in stages.test_stream]
+    assert sum(sizes) == len(whole.test_stream[0].dataset)  # the stages split the test set: their counts give the top-1
     for run in _runs(tmp_path / "a"):  # the stages' top-1, weighted by their test images, is the top-1
         assert len(run["top1_per_stage"]) == 3
         assert sum(a * n for a, n in zip(run["top1_per_stage"], sizes)) / sum(sizes) == pytest.approx(run["top1"], abs=1e-12)
