@@ -92,16 +92,17 @@ def markdown(runs: List[dict], against: Optional[str] = None) -> str:
         "| strategy | seed | steps | accuracy on the classes seen, per step (%) | mean so far | core-hours so far | core-hours left (est.) |",
         "|---|---|---|---|---|---|---|",
     ]
+    still_needed: List[float] = []  # each run's core-hours left (0 where unknown)
     for r in sorted(runs, key=lambda r: (r["strategy"], r["seed"])):
         acc = r["accuracy"]
         total = f"/{r['steps_total']}" if r.get("steps_total") else ""
         hours = sum(s for s in r["cpu_s"] if s is not None) / 3600
         mean = f"{100 * sum(acc) / len(acc):.1f}" if acc else "—"
         left = hours_left(r)
+        still_needed.append(left or 0.0)
         lines.append(f"| {r['strategy']} | {r['seed']} | {len(acc)}{total} | {' / '.join(f'{100 * a:.1f}' for a in acc) or '—'} "
                      f"| {mean} | {hours:.1f} | {'—' if left is None else f'{left:.1f}'} |")
-    known = [h for h in map(hours_left, runs) if h is not None]
-    lines += ["", f"Core-hours left for these runs: about {sum(known):.1f} (steps left at each run's mean step so far)."]
+    lines += ["", f"Core-hours left for these runs: about {sum(still_needed):.1f} (steps left at each run's mean step so far)."]
     if against:
         pairs = paired(runs, against)
         lines += ["", f"Paired against `{against}` (same seed, the steps both runs finished):", "",
