@@ -390,20 +390,11 @@ def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict
     labels), and the all-class teacher's on each stage's test images with its
     logits restricted to that stage's classes (``all@stageK``: the teacher
     ``ed-1t`` distils from, comparable with the stage specialist ``stageK``)."""
-    from torch.utils.data import DataLoader
-
-    from avalanche_m2kd.losses import class_position_table
-
     tests = {"all": whole.test_stream[0].dataset}
     tests.update({f"stage{k}": exp.dataset for k, exp in enumerate(stages.test_stream)})
 
     def accuracy(module, columns, classes, data) -> float:
-        lookup = class_position_table(classes, device)
-        correct = total = 0
-        for batch in DataLoader(data.eval(), batch_size=512, collate_fn=getattr(data, "collate_fn", None)):
-            x, y = batch[0].to(device), batch[1].to(device)
-            correct += int((module(x)[:, columns].argmax(dim=1) == lookup[y]).sum())
-            total += int(y.numel())
+        correct, total = correct_and_total(module, data, device, columns=columns, classes=classes)
         return correct / total
 
     out = {}
@@ -419,18 +410,25 @@ def teacher_accuracy(teachers: Dict[str, object], stages, whole, device) -> Dict
 
 
 @torch.no_grad()
-def correct_and_total(model, dataset, device) -> Tuple[int, int]:
+def correct_and_total(model, dataset, device, columns: Optional[List[int]] = None,
+                      classes: Optional[List[int]] = None) -> Tuple[int, int]:
     """How many images of ``dataset`` the model's top-1 gets right (100-way on
     CIFAR-100: one head, no task labels), and how many there are. Run on each
     stage's test images: the student's top-1 per stage (``top1_per_stage``:
-    where a method's points are lost) and, summed, its top-1, in one pass."""
+    where a method's points are lost) and, summed, its top-1, in one pass.
+    For a teacher: the top-1 among its logit ``columns``, against each label's
+    position in its ``classes``."""
     from torch.utils.data import DataLoader
 
+    from avalanche_m2kd.losses import class_position_table
+
     model.eval()
+    lookup = None if classes is None else class_position_table(classes, device)
     correct = total = 0
     for batch in DataLoader(dataset.eval(), batch_size=512, collate_fn=getattr(dataset, "collate_fn", None)):
         x, y = batch[0].to(device), batch[1].to(device)
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        logits = model(x) if columns is None else model(x)[:, columns]
+        correct += int((logits.argmax(dim=1) == (y if lookup is None else lookup[y])).sum())
         total += int(y.numel())
     return correct, total
 
