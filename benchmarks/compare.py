@@ -387,8 +387,9 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
             elapsed = ckpt.elapsed()
 
             def record(key: str) -> list:  # one entry per trained experience (None: not recorded)
+                # padded even when the side file predates the record, so that later entries stay aligned
                 values = ckpt.side_list(key)[:start]
-                return values + [None] * (start - len(values)) if values else values
+                return values + [None] * (start - len(values))
 
             per_experience, cpu_per_experience, versions = record("experience_s"), record("experience_cpu_s"), record("code_versions")
             if versions and versions[-1] != code_version():

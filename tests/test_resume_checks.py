@@ -106,3 +106,19 @@ def test_a_side_file_that_disagrees_with_its_checkpoint_is_refused(tmp_path, cap
     assert compare.main([*args, "--resume"]) == 0
     run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
     assert run["experience_s"][1] is None and len(run["experience_s"]) == 3
+
+
+def test_records_a_side_file_lacks_stay_aligned_with_their_experiences(tmp_path):
+    """A side file written before a record existed (here ``code_versions``) gives
+    None for each experience it trained, so that the resumed experiences' entries
+    land at their own positions, not at the front."""
+    args = [*TINY, "--n-experiences", "3", "--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "c")]
+    assert compare.main([*args, "--stop-after", "2"]) == 0
+    side = tmp_path / "c" / "naive-seed0.json"
+    state = json.loads(side.read_text())
+    del state["code_versions"]
+    side.write_text(json.dumps(state))
+    assert compare.main([*args, "--resume"]) == 0
+    run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
+    assert run["code_versions"][:2] == [None, None] and run["code_versions"][2] == compare.code_version()
+    assert len(run["experience_s"]) == 3 and None not in run["experience_s"]
