@@ -393,7 +393,8 @@ def run_one(name: str, seed: int, config: dict, data, benchmark, augmentation: "
 
             per_experience, cpu_per_experience, versions = record("experience_s"), record("experience_cpu_s"), record("code_versions")
             if versions and versions[-1] != code_version():
-                print(f"{PROG}: warning: {name} seed {seed} was trained to experience {start} by code {versions[-1]} "
+                trained_by = f"code {versions[-1]}" if versions[-1] else "code that was not recorded"
+                print(f"{PROG}: warning: {name} seed {seed} was trained to experience {start} by {trained_by} "
                       f"and continues with {code_version()} (both recorded per experience)", file=sys.stderr)
             progress.update(start)
     except CheckpointError as err:

@@ -108,7 +108,7 @@ def test_a_side_file_that_disagrees_with_its_checkpoint_is_refused(tmp_path, cap
     assert run["experience_s"][1] is None and len(run["experience_s"]) == 3
 
 
-def test_records_a_side_file_lacks_stay_aligned_with_their_experiences(tmp_path):
+def test_records_a_side_file_lacks_stay_aligned_with_their_experiences(tmp_path, capsys):
     """A side file written before a record existed (here ``code_versions``) gives
     None for each experience it trained, so that the resumed experiences' entries
     land at their own positions, not at the front."""
@@ -118,7 +118,9 @@ def test_records_a_side_file_lacks_stay_aligned_with_their_experiences(tmp_path)
     state = json.loads(side.read_text())
     del state["code_versions"]
     side.write_text(json.dumps(state))
+    capsys.readouterr()
     assert compare.main([*args, "--resume"]) == 0
+    assert "trained to experience 2 by code that was not recorded and continues with" in capsys.readouterr().err
     run = json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]
     assert run["code_versions"][:2] == [None, None] and run["code_versions"][2] == compare.code_version()
     assert len(run["experience_s"]) == 3 and None not in run["experience_s"]
