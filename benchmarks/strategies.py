@@ -123,11 +123,11 @@ def build_lwf(name: str, setup: Setup):
 def build_icarl(name: str, setup: Setup):
     if setup.config["mem_size"] <= 0:
         raise ValueError("icarl needs an exemplar memory: set --mem-size > 0 or leave icarl out of --strategies")
-    backbone = _model(setup)
+    # The fixed-head model M2KD's iCaRL form builds, split into features and classifier: the
+    # same random draws, so icarl and m2kd-icarl* start from the same weights on a seed.
+    backbone = _model(setup, fixed_head=True)
     features = models.feature_extractor(backbone)
-    classifier = nn.Linear(backbone.feature_dim, setup.n_classes)
-    if getattr(backbone, "variant", None) == "icarl":
-        models.icarl_linear_init(classifier)  # as Avalanche's initialize_icarl_net
+    classifier = backbone.head
     params = list(features.parameters()) + list(classifier.parameters())
     optimizer = make_optimizer(params, name, setup.config)
     return ICaRL(

@@ -176,3 +176,28 @@ def test_epoch_seeds_depend_on_seed_experience_and_epoch_only():
     assert len(seeds) == 60 and epoch_seed(1, 2, 3) == epoch_seed(1, 2, 3)
     with pytest.raises(ValueError, match="seed must be an int"):
         PairedStreamPlugin("0")
+
+
+def _initial_weights(name: str, config: dict, n_classes: int, input_shape: tuple) -> list:
+    from avalanche.training.determinism.rng_manager import RNGManager
+
+    RNGManager.set_random_seeds(0)
+    strategy = build_strategy(name, Setup(config, n_classes, input_shape, "cpu", EvaluationPlugin(loggers=[])))
+    return [_digest(p) for p in strategy.model.parameters()]
+
+
+@pytest.mark.parametrize("model, n_classes, input_shape", [("digits_cnn", 10, (1, 8, 8)),
+                                                           ("resnet32_icarl", 100, (3, 32, 32))])
+def test_icarl_starts_from_the_weights_of_the_m2kd_icarl_forms(model, n_classes, input_shape):
+    """Avalanche's ICaRL takes a feature extractor and a classifier; the runner
+    cuts them from the fixed-head model the M2KD iCaRL forms build, so that on
+    one seed the paired runs also share their initial weights (they used to
+    differ from the first convolution on: the heads drew different amounts)."""
+    config = dict(_config(20), model=model)
+    icarl = _initial_weights("icarl", config, n_classes, input_shape)
+    for name in ("m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux"):
+        assert _initial_weights(name, config, n_classes, input_shape) == icarl, name
+    # and the growing-head family shares its own: LwF, naive and M2KD's exemplar-free forms
+    lwf = _initial_weights("lwf", config, n_classes, input_shape)
+    for name in ("naive", "m2kd-bce", "m2kd-bce-last", "m2kd"):
+        assert _initial_weights(name, config, n_classes, input_shape) == lwf, name
