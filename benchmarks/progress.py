@@ -76,15 +76,23 @@ def paired(runs: List[dict], against: str) -> List[dict]:
 
 
 def hours_left(run: dict) -> Optional[float]:
-    """Core-hours a run still needs: its steps left at the mean CPU time of its
-    steps after the first (the first has no teacher to run), or of the first
-    alone. None when it has measured no step or its length is unknown. A lower
-    bound for all-snapshot M2KD, whose steps grow with the snapshots."""
-    measured = [s for s in run["cpu_s"] if s is not None]
+    """Core-hours a run still needs: its steps left priced by the CPU time of
+    its steps after the first (the first has no teacher to run), along their
+    least-squares line when they grow (all-snapshot M2KD runs one more snapshot
+    at each step), else at their mean; by the first step alone when it is all
+    that was measured. None when it has measured no step or its length is
+    unknown."""
+    measured = [(k, s) for k, s in enumerate(run["cpu_s"]) if s is not None]
     if not measured or not run.get("steps_total"):
         return None
-    typical = measured[1:] or measured
-    return max(run["steps_total"] - len(run["accuracy"]), 0) * sum(typical) / len(typical) / 3600
+    later = [(k, s) for k, s in measured if k > 0] or measured
+    mean_k = sum(k for k, _ in later) / len(later)
+    mean_s = sum(s for _, s in later) / len(later)
+    spread = sum((k - mean_k) ** 2 for k, _ in later)
+    slope = sum((k - mean_k) * (s - mean_s) for k, s in later) / spread if spread else 0.0
+    slope = max(slope, 0.0)  # a step never gets cheaper by design: a falling line is noise
+    left = range(len(run["accuracy"]), run["steps_total"])
+    return sum(mean_s + slope * (k - mean_k) for k in left) / 3600
 
 
 def markdown(runs: List[dict], against: Optional[str] = None) -> str:
@@ -102,7 +110,7 @@ def markdown(runs: List[dict], against: Optional[str] = None) -> str:
         still_needed.append(left or 0.0)
         lines.append(f"| {r['strategy']} | {r['seed']} | {len(acc)}{total} | {' / '.join(f'{100 * a:.1f}' for a in acc) or '—'} "
                      f"| {mean} | {hours:.1f} | {'—' if left is None else f'{left:.1f}'} |")
-    lines += ["", f"Core-hours left for these runs: about {sum(still_needed):.1f} (steps left at each run's mean step so far)."]
+    lines += ["", f"Core-hours left for these runs: about {sum(still_needed):.1f} (each run's steps left priced along its steps after the first)."]
     if against:
         pairs = paired(runs, against)
         lines += ["", f"Paired against `{against}` (same seed, the steps both runs finished):", "",

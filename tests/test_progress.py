@@ -3,6 +3,8 @@ far, and paired differences on the steps two runs of a seed both finished."""
 
 import json
 
+import pytest
+
 from benchmarks import progress
 
 
@@ -38,6 +40,16 @@ def test_hours_left_prices_the_steps_left_at_the_steps_after_the_first():
     assert progress.hours_left(dict(run, accuracy=[0.9], cpu_s=[600.0])) == 9 * 600 / 3600
     assert progress.hours_left(dict(run, accuracy=[], cpu_s=[])) is None
     assert progress.hours_left(dict(run, steps_total=None)) is None
+
+
+def test_hours_left_follows_steps_that_grow_and_averages_steps_that_do_not():
+    growing = {"accuracy": [0.9, 0.8, 0.7, 0.6], "cpu_s": [600.0, 1000.0, 1100.0, 1200.0], "steps_total": 10}
+    # steps 4..9 along 1000 + 100 (k - 1): 1300 .. 1800 s
+    assert progress.hours_left(growing) == pytest.approx(sum(1000 + 100 * (k - 1) for k in range(4, 10)) / 3600)
+    falling = dict(growing, cpu_s=[600.0, 1300.0, 1200.0, 1100.0])
+    assert progress.hours_left(falling) == pytest.approx(6 * 1200 / 3600)
+    unrecorded = dict(growing, cpu_s=[None, None, 1100.0, 1200.0])  # resumed past steps a side file lacked
+    assert progress.hours_left(unrecorded) == pytest.approx(sum(1100 + 100 * (k - 2) for k in range(4, 10)) / 3600)
 
 
 def test_bad_folders_and_an_unknown_reference_end_in_one_line(tmp_path, capsys):
