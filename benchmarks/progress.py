@@ -42,6 +42,7 @@ def read_run(folder: Path) -> List[dict]:
             "strategy": strategy, "seed": int(seed), "epochs": config["epochs"], "milestones": config["milestones"],
             "precision": config["precision"], "steps_total": config.get("n_experiences"),
             "accuracy": [float(a) for a in accuracy],
+            "matrix": rows,  # rows[i][j]: accuracy on experience j's classes after step i
             "cpu_s": state.get("experience_cpu_s", []), "wall_s": state.get("experience_s", []),
         })
     return found
@@ -58,9 +59,10 @@ def read_runs(folders: List[str], prog: str) -> Optional[List[dict]]:
 
 
 def paired(runs: List[dict], against: str) -> List[dict]:
-    """Per strategy and seed with a run of ``against`` at the same seed: the
-    difference of the mean seen-class accuracy over the steps both finished,
-    and at the last of them (points)."""
+    """Per strategy and seed with a run of ``against`` at the same seed, in
+    points over the steps both finished: the difference of the seen-class
+    accuracy at each step, of its mean, at the last of them, and per
+    experience's classes at the last of them (which groups gain, which lose)."""
     reference = {r["seed"]: r for r in runs if r["strategy"] == against}
     out = []
     for r in runs:
@@ -71,7 +73,9 @@ def paired(runs: List[dict], against: str) -> List[dict]:
         mean = lambda acc: sum(acc[:k]) / k  # noqa: E731
         out.append({"strategy": r["strategy"], "seed": r["seed"], "steps": k,
                     "mean": 100 * (mean(r["accuracy"]) - mean(ref["accuracy"])),
-                    "last": 100 * (r["accuracy"][k - 1] - ref["accuracy"][k - 1])})
+                    "last": 100 * (r["accuracy"][k - 1] - ref["accuracy"][k - 1]),
+                    "per_step": [100 * (a - b) for a, b in zip(r["accuracy"][:k], ref["accuracy"][:k])],
+                    "per_group": [100 * (a - b) for a, b in zip(r["matrix"][k - 1][:k], ref["matrix"][k - 1][:k])]})
     return out
 
 
@@ -114,10 +118,13 @@ def markdown(runs: List[dict], against: Optional[str] = None) -> str:
     if against:
         pairs = paired(runs, against)
         lines += ["", f"Paired against `{against}` (same seed, the steps both runs finished):", "",
-                  "| strategy | seed | steps | mean difference | difference at the last common step |", "|---|---|---|---|---|"]
-        lines += [f"| {p['strategy']} | {p['seed']} | {p['steps']} | {p['mean']:+.1f} | {p['last']:+.1f} |" for p in pairs]
+                  "| strategy | seed | steps | per step | mean difference | difference at the last common step "
+                  "| there, per experience's classes |", "|---|---|---|---|---|---|---|"]
+        signed = lambda xs: " / ".join(f"{x:+.1f}" for x in xs)  # noqa: E731
+        lines += [f"| {p['strategy']} | {p['seed']} | {p['steps']} | {signed(p['per_step'])} | {p['mean']:+.1f} "
+                  f"| {p['last']:+.1f} | {signed(p['per_group'])} |" for p in pairs]
         if not pairs:
-            lines.append(f"| (no run shares a seed with `{against}` yet) | | | | |")
+            lines.append(f"| (no run shares a seed with `{against}` yet) | | | | | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,9 @@ def test_the_table_and_the_pairs_cover_only_the_steps_measured(tmp_path, capsys)
     assert "| m2kd-bce | 0 | 2/3 | 80.0 / 60.0 | 70.0 | 2.0 | 1.0 |" in out
     assert "| m2kd-bce | 1 | 1/3 | 70.0 | 70.0 | 1.0 | 2.0 |" in out
     assert "Core-hours left for these runs: about 3.0" in out
-    assert "| m2kd-bce | 0 | 2 | +0.0 | +10.0 |" in out
+    assert pairs[0]["per_step"] == pytest.approx([-10.0, 10.0])
+    assert pairs[0]["per_group"] == pytest.approx([40.0, -20.0])  # after step 2: 0.6 - 0.2 on the first classes, 0.6 - 0.8 on the second
+    assert "| m2kd-bce | 0 | 2 | -10.0 / +10.0 | +0.0 | +10.0 | +40.0 / -20.0 |" in out
 
 
 def test_hours_left_prices_the_steps_left_at_the_steps_after_the_first():
