@@ -98,6 +98,12 @@ def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp
         gap = (torch.sigmoid(nets[0].eval()(images))[:, :2] - torch.sigmoid(nets[1].eval()(images))[:, :2]).abs()
     assert row["every_image"] == pytest.approx(float(gap.mean()), abs=1e-6)
     assert row["own_images"] == pytest.approx(float(gap[labels < 2].mean()), abs=1e-6)
+    later = (labels == 2) | (labels == 3)  # group 1: learned after snapshot 0, known to the last teacher
+    assert row["later_images"] == pytest.approx(float(gap[later].mean()), abs=1e-6)
+    with torch.no_grad():
+        owner, newest = (torch.sigmoid(nets[i].eval()(images))[later][:, :2] for i in (0, 1))
+    assert row["owner_target_later_images"] == pytest.approx(float(owner.mean()), abs=1e-6)
+    assert row["last_target_later_images"] == pytest.approx(float(newest.mean()), abs=1e-6)
 
 
 def test_target_drift_refuses_what_it_cannot_read(tmp_path, capsys):

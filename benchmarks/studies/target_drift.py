@@ -10,8 +10,10 @@ For each finished M2KD run (a runner checkpoint with the full snapshot store),
 this measures that difference at every step: the mean, over the classes c of
 every group k < t-1, of ``|sigmoid(g_k(x)_c) - sigmoid(g_{t-1}(x)_c)|`` (the
 sigmoid form's targets), over ``--images`` test images of every class (most
-targets there are near 0 for both) and over those of group k's own classes
-(where its targets are large). Writes target_drift.json and target_drift.md to ``--out``.
+targets there are near 0 for both), over those of group k's own classes
+(where its targets are large), and over those of the groups learned after k
+and before t, which snapshot k never saw and the last teacher did: the only
+images where ``old_targets="informed"`` changes a target. Writes target_drift.json and target_drift.md to ``--out``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _snapshots(path: Path) -> tuple[dict, List[dict], List[List[int]]]:
     """The run's configuration, its snapshots (state dicts) and class groups."""
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint; pass a runner checkpoint (--checkpoint FOLDER/NAME-seedS.ckpt)")
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    saved = torch.load(path, map_location="cpu", weights_only=True)  # the runner's checkpoints hold no code
     plugin = next((p["state"] for p in saved.get("plugins", []) if p.get("type") == "M2KDPlugin"), None)
     if plugin is None:
         raise UsageError(f"{path} holds no M2KD run; pass the checkpoint of an m2kd strategy")
@@ -53,7 +55,8 @@ def _snapshots(path: Path) -> tuple[dict, List[dict], List[List[int]]]:
 def drift(path: Path, images: torch.Tensor, labels: torch.Tensor) -> List[dict]:
     """Per step t >= 3 (1-based), the mean absolute difference between the
     owners' sigmoid targets and the last teacher's on the older groups: on
-    every image, and on the images of each group's own classes."""
+    every image, on the images of each group's own classes, and on those of
+    the groups learned after it (with both teachers' mean targets there)."""
     config, snapshots, groups = _snapshots(path)
     probs = []
     for state in snapshots:
@@ -65,16 +68,22 @@ def drift(path: Path, images: torch.Tensor, labels: torch.Tensor) -> List[dict]:
     rows = []
     for t in range(3, len(snapshots) + 1):  # at step t the teachers are snapshots 0..t-2
         last = t - 2
-        every, own, size = [], [], []
+        every, own, size, later, later_owner, later_last = [], [], [], [], [], []
         for k, g in enumerate(groups[:last]):
             gap = (probs[k][:, g] - probs[last][:, g]).abs()
             mine = torch.isin(labels, torch.tensor(g))
+            unseen = torch.isin(labels, torch.tensor([c for h in groups[k + 1 : last + 1] for c in h]))
             every.append(float(gap.mean()))
             own.append(float(gap[mine].mean()))
             size.append(float(probs[k][mine][:, g].mean()))
+            later.append(float(gap[unseen].mean()))
+            later_owner.append(float(probs[k][unseen][:, g].mean()))
+            later_last.append(float(probs[last][unseen][:, g].mean()))
         rows.append({"step": t, "groups": last, "every_image": float(np.mean(every)), "own_images": float(np.mean(own)),
-                     "owner_target_own_images": float(np.mean(size)),
-                     "per_group_every_image": every, "per_group_own_images": own})
+                     "owner_target_own_images": float(np.mean(size)), "later_images": float(np.mean(later)),
+                     "owner_target_later_images": float(np.mean(later_owner)),
+                     "last_target_later_images": float(np.mean(later_last)),
+                     "per_group_every_image": every, "per_group_own_images": own, "per_group_later_images": later})
     return rows
 
 
@@ -105,11 +114,14 @@ def main(argv=None) -> int:
     lines = [f"# Older snapshots' targets against the last teacher's ({len(pick)} test images)", "",
              f"Command: `{' '.join([PROG, *argv])}`", "",
              "Mean |sigmoid target of the group's own snapshot − the last teacher's| over the older groups, "
-             "on every image / on the images of the group's own classes (in brackets: the owner's mean target there):", "",
+             "on every image / on the images of the group's own classes (in brackets: the owner's mean target there) / "
+             "on the images of the groups learned after it, which the owner never saw (in brackets: the owner's mean "
+             "target there, then the last teacher's):", "",
              "| step | " + " | ".join(f"`{Path(n).parent.name}/{Path(n).stem}`" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     def cell(r: dict) -> str:
-        return f"{r['every_image']:.3f} / {r['own_images']:.3f} ({r['owner_target_own_images']:.3f})"
+        return (f"{r['every_image']:.3f} / {r['own_images']:.3f} ({r['owner_target_own_images']:.3f}) / "
+                f"{r['later_images']:.3f} ({r['owner_target_later_images']:.3f}, {r['last_target_later_images']:.3f})")
 
     for i in range(max(len(r) for r in results.values())):
         cells = [cell(results[n][i]) if i < len(results[n]) else "" for n in names]
