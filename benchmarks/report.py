@@ -98,6 +98,8 @@ CLAIMS = [
     ("m2kd-icarl-informed", "m2kd-icarl"),
     ("m2kd-icarl-informed", "m2kd-icarl-last"),
     ("m2kd-icarl-last", "icarl"),
+    ("m2kd-icarl-last", "m2kd-icarl-last-noaux"),
+    ("m2kd-icarl-last-noaux", "icarl"),
     ("m2kd-icarl-packnet", "m2kd-icarl"),  # a --m2kd-store packnet run, so named by benchmarks.merge
     ("m2kd-bce", "lwf"),
     ("m2kd-bce", "m2kd-bce-last"),

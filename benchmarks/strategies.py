@@ -32,7 +32,7 @@ class Setup:
     seed: int = 0  # every epoch's data order and augmentation (PairedStreamPlugin)
 
 
-ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-last-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
+ABLATIONS = {"m2kd-last-noaux", "m2kd-probe", "m2kd-last-probe", "m2kd-icarl-noaux", "m2kd-icarl-last-noaux", "m2kd-icarl-informed", "m2kd-bce-noaux", "m2kd-bce-last-noaux", "m2kd-bce-informed", "m2kd-bce-icarlhead"}
 """Strategies run only when named in ``--strategies`` (not in the default set)."""
 
 
@@ -215,6 +215,7 @@ STRATEGIES: Dict[str, Callable] = {
     "m2kd-icarl": _m2kd(True, loss="bce", classifier="nme"),
     "m2kd-icarl-last": _m2kd(True, loss="bce", classifier="nme", teachers="last"),
     "m2kd-icarl-noaux": _m2kd(True, loss="bce", classifier="nme", aux_layers=()),
+    "m2kd-icarl-last-noaux": _m2kd(True, loss="bce", classifier="nme", teachers="last", aux_layers=()),
     "m2kd-icarl-informed": _m2kd(True, loss="bce", classifier="nme", old_targets="informed"),
     "m2kd-bce": _m2kd(loss="bce"),
     "m2kd-bce-last": _m2kd(loss="bce", teachers="last"),
@@ -262,6 +263,7 @@ DESCRIPTIONS = {
     "m2kd-icarl": "M2KD in iCaRL's form: iCaRL's classifier and sigmoid loss, herding, nearest-mean classifier",
     "m2kd-icarl-last": "the same with the last snapshot only (iCaRL's loss through our code)",
     "m2kd-icarl-noaux": "m2kd-icarl without auxiliary heads (ablation)",
+    "m2kd-icarl-last-noaux": "the last snapshot in iCaRL's form, no auxiliary heads: iCaRL through our code, its teacher in eval mode (ablation)",
     "m2kd-icarl-informed": "m2kd-icarl, each snapshot judging only samples of classes it saw (old_targets='informed'; ablation)",
     "m2kd-bce": "M2KD's sigmoid form with the trained, growing head (no nearest-mean classifier; for --mem-size 0)",
     "m2kd-bce-last": "the same with the last snapshot only",

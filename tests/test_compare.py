@@ -185,6 +185,7 @@ def test_ablation_strategies_run_only_when_named_and_change_one_option():
     default = compare.resolve_config(compare.build_parser().parse_args([]))["strategies"]
     assert "m2kd-icarl" in default and not ABLATIONS & set(default)
     changed = {"m2kd-icarl-noaux": ("m2kd-icarl", "aux_layers", []), "m2kd-bce-noaux": ("m2kd-bce", "aux_layers", []),
+               "m2kd-icarl-last-noaux": ("m2kd-icarl-last", "aux_layers", []),
                "m2kd-bce-last-noaux": ("m2kd-bce-last", "aux_layers", []),
                "m2kd-icarl-informed": ("m2kd-icarl", "old_targets", "informed"), "m2kd-bce-informed": ("m2kd-bce", "old_targets", "informed"),
                "m2kd-bce-icarlhead": ("m2kd-bce", "bce_columns", "all"), "m2kd-last-noaux": ("m2kd-last", "aux_layers", []),

@@ -195,7 +195,7 @@ def test_icarl_starts_from_the_weights_of_the_m2kd_icarl_forms(model, n_classes,
     differ from the first convolution on: the heads drew different amounts)."""
     config = dict(_config(20), model=model)
     icarl = _initial_weights("icarl", config, n_classes, input_shape)
-    for name in ("m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux"):
+    for name in ("m2kd-icarl", "m2kd-icarl-last", "m2kd-icarl-noaux", "m2kd-icarl-last-noaux"):
         assert _initial_weights(name, config, n_classes, input_shape) == icarl, name
     # and the growing-head family shares its own: LwF, naive and M2KD's exemplar-free forms
     lwf = _initial_weights("lwf", config, n_classes, input_shape)
