@@ -70,11 +70,9 @@ def paired(runs: List[dict], against: str) -> List[dict]:
         if r["strategy"] == against or ref is None or not r["accuracy"] or not ref["accuracy"]:
             continue
         k = min(len(r["accuracy"]), len(ref["accuracy"]))
-        mean = lambda acc: sum(acc[:k]) / k  # noqa: E731
+        per_step = [100 * (a - b) for a, b in zip(r["accuracy"][:k], ref["accuracy"][:k])]
         out.append({"strategy": r["strategy"], "seed": r["seed"], "steps": k,
-                    "mean": 100 * (mean(r["accuracy"]) - mean(ref["accuracy"])),
-                    "last": 100 * (r["accuracy"][k - 1] - ref["accuracy"][k - 1]),
-                    "per_step": [100 * (a - b) for a, b in zip(r["accuracy"][:k], ref["accuracy"][:k])],
+                    "mean": sum(per_step) / k, "last": per_step[-1], "per_step": per_step,
                     "per_group": [100 * (a - b) for a, b in zip(r["matrix"][k - 1][:k], ref["matrix"][k - 1][:k])]})
     return out
 
