@@ -106,6 +106,42 @@ def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp
     assert row["last_target_later_images"] == pytest.approx(float(newest.mean()), abs=1e-6)
 
 
+def test_target_drift_measures_each_auxiliary_head_as_the_strategy_runs_it(tmp_path):
+    import torch
+    from torch import nn
+
+    from avalanche_m2kd import models
+    from avalanche_m2kd.taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads
+    from benchmarks.studies import target_drift
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 1, 8, 8), torch.arange(12) % 6
+    layers = ["stage1", "stage2"]
+    nets = []
+    for _ in range(3):
+        net = models.create("digits_cnn", num_classes=6)
+        attach_auxiliary_heads(net, layers, images[:1])
+        for head in getattr(net, AUX_ATTRIBUTE).heads.values():  # grown to the six classes, random weights
+            head.classifier.classifier = nn.Linear(head.classifier.classifier.in_features, 6)
+        nets.append(net.eval())
+    path = tmp_path / "run.ckpt"
+    _drift_checkpoint(path, [n.state_dict() for n in nets], [[0, 1], [2, 3], [4, 5]])
+    row = target_drift.drift(path, images, labels)[0]
+    assert sorted(row["aux"]) == layers
+    with torch.no_grad():
+        aux = []
+        for net in nets[:2]:
+            with FeatureTaps(net, layers) as taps:
+                net(images)
+            aux.append([torch.sigmoid(z) for z in getattr(net, AUX_ATTRIBUTE)(taps.features())])
+    for i, layer in enumerate(layers):
+        gap = (aux[0][i][:, :2] - aux[1][i][:, :2]).abs()
+        assert row["aux"][layer]["every_image"] == pytest.approx(float(gap.mean()), abs=1e-6)
+        later = (labels == 2) | (labels == 3)
+        assert row["aux"][layer]["later_images"] == pytest.approx(float(gap[later].mean()), abs=1e-6)
+        assert row["aux"][layer]["every_image"] != pytest.approx(row["every_image"], abs=1e-4)  # not the output's
+
+
 def test_target_drift_refuses_what_it_cannot_read(tmp_path, capsys):
     from benchmarks.studies import target_drift
 

@@ -13,7 +13,10 @@ sigmoid form's targets), over ``--images`` test images of every class (most
 targets there are near 0 for both), over those of group k's own classes
 (where its targets are large), and over those of the groups learned after k
 and before t, which snapshot k never saw and the last teacher did: the only
-images where ``old_targets="informed"`` changes a target. Writes target_drift.json and target_drift.md to ``--out``.
+images where ``old_targets="informed"`` changes a target. The same gaps are
+measured at every auxiliary head the snapshots hold (multi-level distillation's
+targets, sigmoid of each head's logits), since the heads' targets can differ
+where the output's agree. Writes target_drift.json and target_drift.md to ``--out``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from avalanche_m2kd import datasets, models
 from avalanche_m2kd.snapshots import load_state_reshaped
-from avalanche_m2kd.taps import AUX_ATTRIBUTE
+from avalanche_m2kd.taps import AUX_ATTRIBUTE, FeatureTaps
 
 from benchmarks import report
 from benchmarks.compare import OneLineParser, UsageError
@@ -51,39 +55,67 @@ def _snapshots(path: Path) -> tuple[dict, List[dict], List[List[int]]]:
     return saved["meta"]["config"], store["snapshots"], [list(g) for g in state["groups"]]
 
 
+_HEADS = AUX_ATTRIBUTE + ".heads."
+
+
 @torch.no_grad()
+def _targets(config: dict, state: dict, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """One snapshot's sigmoid targets on ``images``: the output's (``"output"``)
+    and each auxiliary head's, keyed by its tapped layer."""
+    own = {k: v for k, v in state.items() if not k.startswith(AUX_ATTRIBUTE + ".")}
+    fixed = own["head.weight"].shape[0] if "head.weight" in own else None
+    net = models.create(config["model"], num_classes=fixed, in_channels=images.shape[1])
+    load_state_reshaped(net, own).eval()
+    # An auxiliary head is global average pooling and a linear layer (taps.AuxiliaryHead), applied here directly.
+    keys = sorted({k[len(_HEADS):].split(".")[0] for k in state if k.startswith(_HEADS)})
+    layers = [key.replace("__", ".") for key in keys]
+    out: Dict[str, List[torch.Tensor]] = {name: [] for name in ["output", *layers]}
+    for chunk in images.split(500):
+        with FeatureTaps(net, layers) as taps:
+            out["output"].append(torch.sigmoid(net(chunk)))
+        for key, layer, feature in zip(keys, layers, taps.features()):
+            linear = f"{_HEADS}{key}.classifier.classifier."
+            pooled = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature.flatten(1)
+            out[layer].append(torch.sigmoid(F.linear(pooled, state[linear + "weight"], state[linear + "bias"])))
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def _gaps(probs: List[torch.Tensor], groups: List[List[int]], last: int, labels: torch.Tensor) -> dict:
+    """At the step whose last teacher is snapshot ``last``: the owners' gaps
+    to it per older group, on every image, on the group's own images and on
+    the later groups' images, with both teachers' mean targets."""
+    every, own, size, later, later_owner, later_last = [], [], [], [], [], []
+    for k, g in enumerate(groups[:last]):
+        gap = (probs[k][:, g] - probs[last][:, g]).abs()
+        mine = torch.isin(labels, torch.tensor(g))
+        unseen = torch.isin(labels, torch.tensor([c for h in groups[k + 1 : last + 1] for c in h]))
+        every.append(float(gap.mean()))
+        own.append(float(gap[mine].mean()))
+        size.append(float(probs[k][mine][:, g].mean()))
+        later.append(float(gap[unseen].mean()))
+        later_owner.append(float(probs[k][unseen][:, g].mean()))
+        later_last.append(float(probs[last][unseen][:, g].mean()))
+    return {"every_image": float(np.mean(every)), "own_images": float(np.mean(own)),
+            "owner_target_own_images": float(np.mean(size)), "later_images": float(np.mean(later)),
+            "owner_target_later_images": float(np.mean(later_owner)),
+            "last_target_later_images": float(np.mean(later_last)),
+            "per_group_every_image": every, "per_group_own_images": own, "per_group_later_images": later}
+
+
 def drift(path: Path, images: torch.Tensor, labels: torch.Tensor) -> List[dict]:
     """Per step t >= 3 (1-based), the mean absolute difference between the
     owners' sigmoid targets and the last teacher's on the older groups: on
     every image, on the images of each group's own classes, and on those of
-    the groups learned after it (with both teachers' mean targets there)."""
+    the groups learned after it (with both teachers' mean targets there); the
+    same for each auxiliary head under ``"aux"``."""
     config, snapshots, groups = _snapshots(path)
-    probs = []
-    for state in snapshots:
-        own = {k: v for k, v in state.items() if not k.startswith(AUX_ATTRIBUTE + ".")}
-        fixed = own["head.weight"].shape[0] if "head.weight" in own else None
-        net = models.create(config["model"], num_classes=fixed, in_channels=images.shape[1])
-        load_state_reshaped(net, own).eval()
-        probs.append(torch.cat([torch.sigmoid(net(chunk)) for chunk in images.split(500)]))
+    targets = [_targets(config, state, images) for state in snapshots]
+    levels = [name for name in targets[0] if name != "output"]
     rows = []
     for t in range(3, len(snapshots) + 1):  # at step t the teachers are snapshots 0..t-2
-        last = t - 2
-        every, own, size, later, later_owner, later_last = [], [], [], [], [], []
-        for k, g in enumerate(groups[:last]):
-            gap = (probs[k][:, g] - probs[last][:, g]).abs()
-            mine = torch.isin(labels, torch.tensor(g))
-            unseen = torch.isin(labels, torch.tensor([c for h in groups[k + 1 : last + 1] for c in h]))
-            every.append(float(gap.mean()))
-            own.append(float(gap[mine].mean()))
-            size.append(float(probs[k][mine][:, g].mean()))
-            later.append(float(gap[unseen].mean()))
-            later_owner.append(float(probs[k][unseen][:, g].mean()))
-            later_last.append(float(probs[last][unseen][:, g].mean()))
-        rows.append({"step": t, "groups": last, "every_image": float(np.mean(every)), "own_images": float(np.mean(own)),
-                     "owner_target_own_images": float(np.mean(size)), "later_images": float(np.mean(later)),
-                     "owner_target_later_images": float(np.mean(later_owner)),
-                     "last_target_later_images": float(np.mean(later_last)),
-                     "per_group_every_image": every, "per_group_own_images": own, "per_group_later_images": later})
+        row = {"step": t, "groups": t - 2, **_gaps([p["output"] for p in targets], groups, t - 2, labels)}
+        row["aux"] = {name: _gaps([p[name] for p in targets], groups, t - 2, labels) for name in levels}
+        rows.append(row)
     return rows
 
 
@@ -116,16 +148,25 @@ def main(argv=None) -> int:
              "Mean |sigmoid target of the group's own snapshot − the last teacher's| over the older groups, "
              "on every image / on the images of the group's own classes (in brackets: the owner's mean target there) / "
              "on the images of the groups learned after it, which the owner never saw (in brackets: the owner's mean "
-             "target there, then the last teacher's):", "",
-             "| step | " + " | ".join(f"`{Path(n).parent.name}/{Path(n).stem}`" for n in names) + " |",
-             "|---|" + "---|" * len(names)]
+             "target there, then the last teacher's):", ""]
+    header = ["| step | " + " | ".join(f"`{Path(n).parent.name}/{Path(n).stem}`" for n in names) + " |",
+              "|---|" + "---|" * len(names)]
     def cell(r: dict) -> str:
         return (f"{r['every_image']:.3f} / {r['own_images']:.3f} ({r['owner_target_own_images']:.3f}) / "
                 f"{r['later_images']:.3f} ({r['owner_target_later_images']:.3f}, {r['last_target_later_images']:.3f})")
 
-    for i in range(max(len(r) for r in results.values())):
-        cells = [cell(results[n][i]) if i < len(results[n]) else "" for n in names]
-        lines.append(f"| {i + 3} | " + " | ".join(cells) + " |")
+    def table(pick_level) -> List[str]:
+        rows = []
+        for i in range(max(len(r) for r in results.values())):
+            cells = [cell(pick_level(results[n][i])) if i < len(results[n]) and pick_level(results[n][i]) else ""
+                     for n in names]
+            rows.append(f"| {i + 3} | " + " | ".join(cells) + " |")
+        return rows
+
+    lines += header + table(lambda row: row)
+    for level in dict.fromkeys(name for r in results.values() for row in r for name in row["aux"]):
+        lines += ["", f"The same at the auxiliary head on `{level}` (multi-level distillation's targets there):", "",
+                  *header, *table(lambda row: row["aux"].get(level))]
     document = {"command": [PROG, *argv], "images": len(pick), "results": results}
     report.write_benchmark(args.out, "target_drift", document, "\n".join(lines) + "\n")
     return 0
