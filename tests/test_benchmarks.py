@@ -104,6 +104,11 @@ def test_target_drift_is_zero_for_equal_snapshots_and_the_mean_gap_otherwise(tmp
         owner, newest = (torch.sigmoid(nets[i].eval()(images))[later][:, :2] for i in (0, 1))
     assert row["owner_target_later_images"] == pytest.approx(float(owner.mean()), abs=1e-6)
     assert row["last_target_later_images"] == pytest.approx(float(newest.mean()), abs=1e-6)
+    assert row["owner_share_above_half_later_images"] == pytest.approx(float((owner > 0.5).float().mean()), abs=1e-6)
+    assert row["last_share_above_half_later_images"] == pytest.approx(float((newest > 0.5).float().mean()), abs=1e-6)
+    current = labels >= 4  # group 2: being learned at step 3, seen by neither teacher
+    assert row["current_images"] == pytest.approx(float(gap[current].mean()), abs=1e-6)
+    assert 0 < row["current_images"] != row["later_images"]
 
 
 def test_target_drift_measures_each_auxiliary_head_as_the_strategy_runs_it(tmp_path):

@@ -12,8 +12,11 @@ every group k < t-1, of ``|sigmoid(g_k(x)_c) - sigmoid(g_{t-1}(x)_c)|`` (the
 sigmoid form's targets), over ``--images`` test images of every class (most
 targets there are near 0 for both), over those of group k's own classes
 (where its targets are large), and over those of the groups learned after k
-and before t, which snapshot k never saw and the last teacher did: the only
-images where ``old_targets="informed"`` changes a target. The same gaps are
+and before t, which snapshot k never saw and the last teacher did; there, also
+how often each teacher's target is above 0.5 (a confident "this is class c" on
+an image of another class). Then the gap on the images of the classes being
+learned at step t, which no teacher saw. These two are the images where
+``old_targets="informed"`` hands group k to the last teacher. The same gaps are
 measured at every auxiliary head the snapshots hold (multi-level distillation's
 targets, sigmoid of each head's logits), since the heads' targets can differ
 where the output's agree. Writes target_drift.json and target_drift.md to ``--out``.
@@ -83,8 +86,11 @@ def _targets(config: dict, state: dict, images: torch.Tensor) -> Dict[str, torch
 def _gaps(probs: List[torch.Tensor], groups: List[List[int]], last: int, labels: torch.Tensor) -> dict:
     """At the step whose last teacher is snapshot ``last``: the owners' gaps
     to it per older group, on every image, on the group's own images and on
-    the later groups' images, with both teachers' mean targets."""
-    every, own, size, later, later_owner, later_last = [], [], [], [], [], []
+    the later groups' images, with both teachers' mean targets there and their
+    shares of targets above 0.5; and on the images of the classes being learned
+    at that step (which neither teacher saw), the gap and both mean targets."""
+    every, own, size, later, later_owner, later_last, sure_owner, sure_last, now, now_owner, now_last = ([] for _ in range(11))
+    current = torch.isin(labels, torch.tensor(groups[last + 1]))
     for k, g in enumerate(groups[:last]):
         gap = (probs[k][:, g] - probs[last][:, g]).abs()
         mine = torch.isin(labels, torch.tensor(g))
@@ -95,10 +101,18 @@ def _gaps(probs: List[torch.Tensor], groups: List[List[int]], last: int, labels:
         later.append(float(gap[unseen].mean()))
         later_owner.append(float(probs[k][unseen][:, g].mean()))
         later_last.append(float(probs[last][unseen][:, g].mean()))
-    return {"every_image": float(np.mean(every)), "own_images": float(np.mean(own)),
-            "owner_target_own_images": float(np.mean(size)), "later_images": float(np.mean(later)),
-            "owner_target_later_images": float(np.mean(later_owner)),
-            "last_target_later_images": float(np.mean(later_last)),
+        sure_owner.append(float((probs[k][unseen][:, g] > 0.5).float().mean()))
+        sure_last.append(float((probs[last][unseen][:, g] > 0.5).float().mean()))
+        now.append(float(gap[current].mean()))
+        now_owner.append(float(probs[k][current][:, g].mean()))
+        now_last.append(float(probs[last][current][:, g].mean()))
+    mean = lambda values: float(np.mean(values))  # noqa: E731
+    return {"every_image": mean(every), "own_images": mean(own), "owner_target_own_images": mean(size),
+            "later_images": mean(later), "owner_target_later_images": mean(later_owner),
+            "last_target_later_images": mean(later_last),
+            "owner_share_above_half_later_images": mean(sure_owner), "last_share_above_half_later_images": mean(sure_last),
+            "current_images": mean(now), "owner_target_current_images": mean(now_owner),
+            "last_target_current_images": mean(now_last),
             "per_group_every_image": every, "per_group_own_images": own, "per_group_later_images": later}
 
 
@@ -151,19 +165,28 @@ def main(argv=None) -> int:
              "target there, then the last teacher's):", ""]
     header = ["| step | " + " | ".join(f"`{Path(n).parent.name}/{Path(n).stem}`" for n in names) + " |",
               "|---|" + "---|" * len(names)]
+
     def cell(r: dict) -> str:
         return (f"{r['every_image']:.3f} / {r['own_images']:.3f} ({r['owner_target_own_images']:.3f}) / "
                 f"{r['later_images']:.3f} ({r['owner_target_later_images']:.3f}, {r['last_target_later_images']:.3f})")
 
-    def table(pick_level) -> List[str]:
+    def confident(r: dict) -> str:
+        return (f"{r['owner_share_above_half_later_images']:.3f}, {r['last_share_above_half_later_images']:.3f} / "
+                f"{r['current_images']:.3f} ({r['owner_target_current_images']:.3f}, {r['last_target_current_images']:.3f})")
+
+    def table(pick_level, show=cell) -> List[str]:
         rows = []
         for i in range(max(len(r) for r in results.values())):
-            cells = [cell(pick_level(results[n][i])) if i < len(results[n]) and pick_level(results[n][i]) else ""
+            cells = [show(pick_level(results[n][i])) if i < len(results[n]) and pick_level(results[n][i]) else ""
                      for n in names]
             rows.append(f"| {i + 3} | " + " | ".join(cells) + " |")
         return rows
 
     lines += header + table(lambda row: row)
+    lines += ["", "On the later groups' images, the share of the older groups' targets above 0.5, the owners' then the "
+              "last teacher's; on the images of the classes being learned at the step (which no teacher saw), the mean "
+              "gap (in brackets: the owners' mean target, then the last teacher's):", "",
+              *header, *table(lambda row: row, confident)]
     for level in dict.fromkeys(name for r in results.values() for row in r for name in row["aux"]):
         lines += ["", f"The same at the auxiliary head on `{level}` (multi-level distillation's targets there):", "",
                   *header, *table(lambda row: row["aux"].get(level))]
