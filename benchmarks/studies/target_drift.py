@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
@@ -89,31 +90,27 @@ def _gaps(probs: List[torch.Tensor], groups: List[List[int]], last: int, labels:
     the later groups' images, with both teachers' mean targets there and their
     shares of targets above 0.5; and on the images of the classes being learned
     at that step (which neither teacher saw), the gap and both mean targets."""
-    every, own, size, later, later_owner, later_last, sure_owner, sure_last, now, now_owner, now_last = ([] for _ in range(11))
+    values: Dict[str, List[float]] = defaultdict(list)
     current = torch.isin(labels, torch.tensor(groups[last + 1]))
     for k, g in enumerate(groups[:last]):
-        gap = (probs[k][:, g] - probs[last][:, g]).abs()
+        owner, newest = probs[k][:, g], probs[last][:, g]
+        gap = (owner - newest).abs()
         mine = torch.isin(labels, torch.tensor(g))
         unseen = torch.isin(labels, torch.tensor([c for h in groups[k + 1 : last + 1] for c in h]))
-        every.append(float(gap.mean()))
-        own.append(float(gap[mine].mean()))
-        size.append(float(probs[k][mine][:, g].mean()))
-        later.append(float(gap[unseen].mean()))
-        later_owner.append(float(probs[k][unseen][:, g].mean()))
-        later_last.append(float(probs[last][unseen][:, g].mean()))
-        sure_owner.append(float((probs[k][unseen][:, g] > 0.5).float().mean()))
-        sure_last.append(float((probs[last][unseen][:, g] > 0.5).float().mean()))
-        now.append(float(gap[current].mean()))
-        now_owner.append(float(probs[k][current][:, g].mean()))
-        now_last.append(float(probs[last][current][:, g].mean()))
-    mean = lambda values: float(np.mean(values))  # noqa: E731
-    return {"every_image": mean(every), "own_images": mean(own), "owner_target_own_images": mean(size),
-            "later_images": mean(later), "owner_target_later_images": mean(later_owner),
-            "last_target_later_images": mean(later_last),
-            "owner_share_above_half_later_images": mean(sure_owner), "last_share_above_half_later_images": mean(sure_last),
-            "current_images": mean(now), "owner_target_current_images": mean(now_owner),
-            "last_target_current_images": mean(now_last),
-            "per_group_every_image": every, "per_group_own_images": own, "per_group_later_images": later}
+        for name, value in [
+            ("every_image", gap.mean()), ("own_images", gap[mine].mean()), ("owner_target_own_images", owner[mine].mean()),
+            ("later_images", gap[unseen].mean()), ("owner_target_later_images", owner[unseen].mean()),
+            ("last_target_later_images", newest[unseen].mean()),
+            ("owner_share_above_half_later_images", (owner[unseen] > 0.5).float().mean()),
+            ("last_share_above_half_later_images", (newest[unseen] > 0.5).float().mean()),
+            ("current_images", gap[current].mean()), ("owner_target_current_images", owner[current].mean()),
+            ("last_target_current_images", newest[current].mean()),
+        ]:
+            values[name].append(float(value))
+    row = {name: float(np.mean(v)) for name, v in values.items()}
+    for name in ("every_image", "own_images", "later_images"):
+        row[f"per_group_{name}"] = values[name]
+    return row
 
 
 def drift(path: Path, images: torch.Tensor, labels: torch.Tensor) -> List[dict]:
