@@ -340,7 +340,7 @@ def write_all(out: Path, document: dict, title: str, notes: List[str], plots: bo
 
 # -- generated tables in Markdown files -------------------------------------------------
 BLOCK = re.compile(r"(<!-- results (?P<folder>\S+) (?P<kind>[\w-]+)(?P<options>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
-"""A generated table: ``<!-- results FOLDER KIND [strategies=a,b] -->`` ... ``<!-- /results -->``."""
+"""A generated table: ``<!-- results FOLDER KIND [strategies=a,b] [seeds=0,1] -->`` ... ``<!-- /results -->``."""
 
 
 def stage_top1_cell(runs: List[dict]) -> str:
@@ -384,16 +384,24 @@ TABLES = {
 
 def render_block(folder: str, kind: str, options: str, root: Path) -> str:
     """The table ``kind`` of the runs in ``root/folder/results.json``
-    (``strategies=a,b``: only those, in that order)."""
+    (``strategies=a,b``: only those, in that order; ``seeds=0,1``: only those
+    seeds, so that a table can hold the seeds every strategy has finished)."""
     if kind not in TABLES:
         raise ValueError(f"unknown table kind {kind!r} for {folder}; use one of {', '.join(TABLES)}")
     runs = json.loads((root / folder / "results.json").read_text())["runs"]
+    name = "method" if kind.startswith("ed") else "strategy"
     for option in options.split():
         key, _, value = option.partition("=")
-        if key != "strategies" or not value:
-            raise ValueError(f"unknown table option {option!r} for {folder}; use strategies=a,b")
+        if key not in ("strategies", "seeds") or not value:
+            raise ValueError(f"unknown table option {option!r} for {folder}; use strategies=a,b or seeds=0,1")
+        if key == "seeds":
+            try:
+                seeds = [int(v) for v in value.split(",")]
+            except ValueError:
+                raise ValueError(f"table option {option!r} for {folder}: seeds are integers, e.g. seeds=0,1") from None
+            runs = [r for r in runs if r["seed"] in seeds]
+            continue
         order = value.split(",")
-        name = "method" if kind.startswith("ed") else "strategy"
         runs = sorted((r for r in runs if r[name] in order), key=lambda r: (order.index(r[name]), r["seed"]))
     if not runs:
         raise ValueError(f"{folder}: no runs to tabulate")

@@ -36,3 +36,16 @@ def test_an_unknown_table_kind_is_named(tmp_path, capsys):
     page.write_text("<!-- results docs/results/demo histogram -->\n<!-- /results -->\n")
     assert report.main(["--markdown", str(page), "--root", str(ROOT)]) == 2
     assert "unknown table kind 'histogram'" in capsys.readouterr().err
+
+
+def test_a_table_can_hold_only_some_seeds(tmp_path, capsys):
+    folder = "docs/results/cifar100-b0-10-cpu-free-merged"
+    page = tmp_path / "page.md"
+    page.write_text(f"<!-- results {folder} compact strategies=lwf seeds=1 -->\n<!-- /results -->\n")
+    rendered = report.update_markdown(page, ROOT)
+    runs = [r for r in report.json.loads((ROOT / folder / "results.json").read_text())["runs"]
+            if r["strategy"] == "lwf" and r["seed"] == 1]
+    assert f"| `lwf` | 1 | {100 * runs[0]['metrics']['average_incremental_accuracy']:.1f} |" in rendered
+    page.write_text(f"<!-- results {folder} compact seeds=one -->\n<!-- /results -->\n")
+    assert report.main(["--markdown", str(page), "--root", str(ROOT)]) == 2
+    assert "seeds are integers" in capsys.readouterr().err
