@@ -1,6 +1,7 @@
 """The results tables of the README and docs/results.md are generated from
 their results files: a committed table that differs from its file fails."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_a_table_can_hold_only_some_seeds(tmp_path, capsys):
     page = tmp_path / "page.md"
     page.write_text(f"<!-- results {folder} compact strategies=lwf seeds=1 -->\n<!-- /results -->\n")
     rendered = report.update_markdown(page, ROOT)
-    runs = [r for r in report.json.loads((ROOT / folder / "results.json").read_text())["runs"]
+    runs = [r for r in json.loads((ROOT / folder / "results.json").read_text())["runs"]
             if r["strategy"] == "lwf" and r["seed"] == 1]
     assert f"| `lwf` | 1 | {100 * runs[0]['metrics']['average_incremental_accuracy']:.1f} |" in rendered
     page.write_text(f"<!-- results {folder} compact seeds=one -->\n<!-- /results -->\n")
