@@ -32,11 +32,10 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from avalanche_m2kd import datasets, models
 from avalanche_m2kd.snapshots import load_state_reshaped
-from avalanche_m2kd.taps import AUX_ATTRIBUTE, FeatureTaps
+from avalanche_m2kd.taps import AUX_ATTRIBUTE, FeatureTaps, attach_auxiliary_heads
 
 from benchmarks import report
 from benchmarks.compare import OneLineParser, UsageError
@@ -65,22 +64,23 @@ _HEADS = AUX_ATTRIBUTE + ".heads."
 @torch.no_grad()
 def _targets(config: dict, state: dict, images: torch.Tensor) -> Dict[str, torch.Tensor]:
     """One snapshot's sigmoid targets on ``images``: the output's (``"output"``)
-    and each auxiliary head's, keyed by its tapped layer."""
-    own = {k: v for k, v in state.items() if not k.startswith(AUX_ATTRIBUTE + ".")}
-    fixed = own["head.weight"].shape[0] if "head.weight" in own else None
+    and each auxiliary head's, keyed by its tapped layer, computed as the
+    strategy's teachers compute them (taps, then the model's own heads)."""
+    fixed = state["head.weight"].shape[0] if "head.weight" in state else None
     net = models.create(config["model"], num_classes=fixed, in_channels=images.shape[1])
-    load_state_reshaped(net, own).eval()
-    # An auxiliary head is global average pooling and a linear layer (taps.AuxiliaryHead), applied here directly.
-    keys = sorted({k[len(_HEADS):].split(".")[0] for k in state if k.startswith(_HEADS)})
-    layers = [key.replace("__", ".") for key in keys]
+    # the heads' keys are m2kd_aux.heads.<layer, dots as "__">.<...>
+    layers = sorted({k[len(_HEADS):].split(".")[0].replace("__", ".") for k in state if k.startswith(_HEADS)})
+    if layers:
+        attach_auxiliary_heads(net, layers, images[:1])
+    load_state_reshaped(net, state).eval()
+    taps = FeatureTaps(net, layers)
     out: Dict[str, List[torch.Tensor]] = {name: [] for name in ["output", *layers]}
     for chunk in images.split(500):
-        with FeatureTaps(net, layers) as taps:
+        with taps:
             out["output"].append(torch.sigmoid(net(chunk)))
-        for key, layer, feature in zip(keys, layers, taps.features()):
-            linear = f"{_HEADS}{key}.classifier.classifier."
-            pooled = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature.flatten(1)
-            out[layer].append(torch.sigmoid(F.linear(pooled, state[linear + "weight"], state[linear + "bias"])))
+        if layers:
+            for layer, logits in zip(layers, getattr(net, AUX_ATTRIBUTE)(taps.features())):
+                out[layer].append(torch.sigmoid(logits))
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 
